@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import codec, topics
-from ._errors import ConnectRefusedError, ProtocolError
+from ._errors import ConnectRefusedError, ProtocolError, SubscribeRefusedError
 from ._extensions import NO_EXTENSIONS, load_compiled
 
 __version__ = "0.1.0"
@@ -86,6 +86,7 @@ __all__ = [
     "ConnectRefusedError",
     "FastMqttConnector",
     "ProtocolError",
+    "SubscribeRefusedError",
     "__version__",
     "codec",
     "create_connector",

@@ -31,3 +31,11 @@ class ConnectRefusedError(ConnectionError):
         self.return_code = return_code
         reason = self.REASONS.get(return_code, "unknown reason")
         super().__init__(f"broker refused the connection: {reason} (CONNACK return code {return_code})")
+
+
+class SubscribeRefusedError(Exception):
+    """The broker answered SUBSCRIBE with 0x80 (failure) for a filter (MQTT 3.1.1 §3.9.3)."""
+
+    def __init__(self, topic_filter: str) -> None:
+        self.topic_filter = topic_filter
+        super().__init__(f"broker refused the subscription to {topic_filter!r} (SUBACK 0x80)")
