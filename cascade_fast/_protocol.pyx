@@ -1,4 +1,994 @@
-# cython: language_level=3
-# STUB: replaced by the real protocol (issue 4).
-from cascade_fast._codec cimport Decoder, PacketSink
-from cascade_fast._topics cimport TopicTrie
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The MQTT 3.1.1 client protocol of `FastMqttConnector`, in Cython.
+
+Layering (asyncpg's coreproto/protocol split):
+
+- `MqttProtocol`: one connection. It is the codec's `PacketSink`, so the
+  decoder calls `on_publish` / `on_packet` straight from `data_received`
+  without building a tuple per PUBLISH. It owns the transport, the write
+  batching, keepalive and the SUBACK/UNSUBACK futures.
+- `Session`: the MQTT 3.1.1 §4.1 client session state (QoS 1/2 messages in
+  flight, QoS 2 packet ids received) and the publish path; it outlives
+  connections so unacknowledged messages can be re-sent after a reconnect.
+- `Dispatcher`: calls callbacks; also outlives connections, so deliveries
+  queued behind a suspended coroutine callback are not lost by a reconnect.
+- `AsyncioMqttProtocol` mixes in `asyncio.Protocol` (the class the
+  connector gives to `loop.create_connection`).
+
+This module must not import `cascade.connectors` at import time:
+`cascade_fast/__init__` loads it and `cascade.connectors.mqtt` imports
+`cascade_fast`. The connector passes the shared pieces (the payload encoder,
+the rate-limited log) in instead.
+"""
+
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+
+from cascade_fast._debug cimport CASCADE_FAST_DEBUG
+
+import asyncio
+import collections
+import logging
+import types
+
+from orjson import dumps as _json_dumps, loads as _json_loads
+
+from cascade_fast import codec as _codec
+from cascade_fast._errors import ProtocolError
+
+cdef object _encode_publish = _codec.encode_publish
+cdef object _encode_puback = _codec.encode_puback
+cdef object _encode_pubrec = _codec.encode_pubrec
+cdef object _encode_pubrel = _codec.encode_pubrel
+cdef object _encode_pubcomp = _codec.encode_pubcomp
+cdef object _encode_subscribe = _codec.encode_subscribe
+cdef object _encode_unsubscribe = _codec.encode_unsubscribe
+cdef bytes _PINGREQ = _codec.encode_pingreq()
+cdef bytes _DISCONNECT = _codec.encode_disconnect()
+
+cdef object _CoroutineType = types.CoroutineType
+cdef object _CancelledError = asyncio.CancelledError
+cdef object _deque = collections.deque
+cdef int _WARNING = logging.WARNING
+cdef int _ERROR = logging.ERROR
+
+# Markers for "payload not decoded yet" and "payload is not JSON".
+cdef object _PENDING = object()
+cdef object _UNDECODABLE = object()
+
+cdef enum:
+    # Outgoing.state (MQTT 3.1.1 §4.3.2, §4.3.3, sender side)
+    OUT_QUEUED = 0      # waiting for a slot in the in-flight window
+    OUT_SENT = 1        # PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
+    OUT_RELEASED = 2    # QoS 2: PUBREL sent, waiting for PUBCOMP
+
+cdef enum:
+    # acknowledgement kinds given to Session._acked
+    ACK_PUBACK = 1
+    ACK_PUBREC = 2
+    ACK_PUBCOMP = 3
+
+cdef enum:
+    # MqttProtocol.state
+    ST_CONNECTING = 0   # CONNECT sent, CONNACK not yet received
+    ST_CONNECTED = 1    # CONNACK 0 received
+    ST_CLOSING = 2      # refused, aborted or disconnecting; nothing more is delivered
+    ST_CLOSED = 3       # connection_lost was called
+
+#: Packet ids are 16-bit and never 0 (MQTT 3.1.1 §2.3.1).
+cdef int _MAX_PACKET_ID = 65535
+#: Validated topic names remembered per session (cleared when full).
+cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
+
+
+cdef class Subscription:
+    """The trie value for one `subscribe()` call."""
+
+    def __init__(self, callback, handle, bint raw):
+        self.callback = callback
+        self.handle = handle
+        self.raw = raw
+        self.active = True
+
+    def __repr__(self):
+        return f"<Subscription {self.callback!r} raw={self.raw} active={self.active}>"
+
+
+cdef class _Resume:
+    """Awaitable that continues a coroutine which already ran its first step.
+
+    The dispatcher drives a coroutine callback once with ``send(None)``
+    straight from `data_received`. When that step suspends, the coroutine
+    has yielded the future it waits on (with ``_asyncio_future_blocking``
+    set), so it cannot be given to a `Task` as it is: the task's first step
+    would resume it before that future is done. Awaiting `_Resume` first
+    hands that very future to the task, which waits for it as if the
+    coroutine had yielded it inside the task, then delegates every later
+    step (send/throw/close) to the coroutine. This is Python 3.12's eager
+    task start, done by hand so it also works on 3.10 and 3.11.
+    """
+
+    cdef object coro
+    cdef object first
+    cdef bint started
+
+    def __cinit__(self, coro, first):
+        self.coro = coro
+        self.first = first
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.started:
+            self.started = True
+            first = self.first
+            self.first = None
+            return first
+        return self.coro.send(None)
+
+    def send(self, value):
+        if not self.started:
+            return self.__next__()
+        return self.coro.send(value)
+
+    def throw(self, typ, val=None, tb=None):
+        self.started = True
+        self.first = None
+        if val is None and tb is None:
+            return self.coro.throw(typ)
+        return self.coro.throw(typ, val, tb)
+
+    def close(self):
+        self.first = None
+        return self.coro.close()
+
+
+cdef class Dispatcher:
+    """Calls every matching callback for each received PUBLISH, in order.
+
+    Plain callbacks are called inline from `data_received`. A coroutine
+    callback is stepped once inline; if it finishes (most do when they only
+    record something) nothing is kept. If it suspends, it and everything
+    after it (the rest of this message's callbacks and later messages) is
+    queued and one task drains the queue, so every callback for message N
+    finishes before any callback for message N+1 starts. Past `high_water`
+    queued deliveries the connection stops reading (TCP backpressure to the
+    broker); below `low_water` it reads again.
+    """
+
+    def __init__(self, errlog, logger, Py_ssize_t high_water=10000, Py_ssize_t low_water=-1):
+        if high_water < 1:
+            raise ValueError(f"high_water must be >= 1, got {high_water}")
+        if low_water < 0:
+            low_water = high_water // 4
+        if low_water >= high_water:
+            raise ValueError(f"low_water ({low_water}) must be below high_water ({high_water})")
+        self.errlog = errlog
+        self.logger = logger
+        self.high_water = high_water
+        self.low_water = low_water
+        self.queue = _deque()
+
+    @property
+    def depth(self):
+        """Deliveries waiting behind a suspended coroutine callback."""
+        return len(self.queue)
+
+    def set_loop(self, loop):
+        self.loop = loop
+
+    def attach_reader(self, MqttProtocol proto):
+        """Make `proto` the connection backpressure pauses (after its CONNACK)."""
+        self.reader = proto
+        if self.reading_paused and proto.transport is not None:
+            proto.transport.pause_reading()
+
+    def detach_reader(self, MqttProtocol proto):
+        if self.reader is proto:
+            self.reader = None
+
+    def stop(self):
+        """Cancel the drain task and discard queued deliveries (disconnect()).
+
+        Returns the cancelled task (or None) for the caller to await.
+        """
+        cdef object task = self.task
+        cdef Py_ssize_t n = len(self.queue)
+        if n:
+            self.undelivered += n
+            self.logger.warning("disconnect: %d queued deliveries discarded", n)
+            self.queue.clear()
+        self.reading_paused = False
+        if task is not None and not task.done():
+            self.closing = True
+            task.cancel()
+            return task
+        return None
+
+    def reset(self):
+        """Ready for a new connect() after stop()."""
+        self.closing = False
+
+    cdef int deliver(self, str topic, bytes payload, list subs) except -1:
+        if self.task is not None:
+            # A coroutine callback is suspended: keep arrival order.
+            self._enqueue(topic, payload, subs, 0, _PENDING)
+        else:
+            self._run_inline(topic, payload, subs, 0, _PENDING)
+        return 0
+
+    cdef bint _run_inline(self, str topic, bytes payload, list subs, Py_ssize_t start, object decoded) except -1:
+        """Call subs[start:]; False when a coroutine suspended (the rest is queued)."""
+        cdef Py_ssize_t i
+        cdef Py_ssize_t n = PyList_GET_SIZE(subs)
+        cdef Subscription sub
+        cdef object data
+        cdef object result
+        cdef object yielded
+        for i in range(start, n):
+            sub = <Subscription>PyList_GET_ITEM(subs, i)
+            if not sub.active:
+                continue
+            if sub.raw:
+                data = payload
+            else:
+                if decoded is _PENDING:
+                    decoded = self._decode(topic, payload)
+                if decoded is _UNDECODABLE:
+                    continue
+                data = decoded
+            try:
+                result = sub.callback(topic, data)
+            except Exception as exc:
+                self._failed(sub, topic, exc)
+                continue
+            if result is None:
+                self.dispatched += 1
+                continue
+            if type(result) is _CoroutineType:
+                try:
+                    yielded = result.send(None)
+                except StopIteration:
+                    self.dispatched += 1
+                    continue
+                except Exception as exc:
+                    self._failed(sub, topic, exc)
+                    continue
+                awaitable = _Resume(result, yielded)
+            elif hasattr(result, "__await__"):
+                # Some other awaitable (a Future, a Cython coroutine): let the task await it.
+                awaitable = result
+            else:
+                # A plain callback's return value is ignored.
+                self.dispatched += 1
+                continue
+            if i + 1 < n:
+                self._enqueue(topic, payload, subs, i + 1, decoded)
+            self.task = self.loop.create_task(_drain(self, sub, topic, awaitable))
+            return False
+        return True
+
+    cdef object _decode(self, str topic, bytes payload):
+        # Same rule as _common.decode_payload (empty -> {}), without the call.
+        if not payload:
+            return {}
+        try:
+            return _json_loads(payload)
+        except ValueError as exc:
+            self.decode_errors += 1
+            self.errlog.log("decode_error", _WARNING, "payload on %r is not JSON (%s); not delivered to JSON subscribers", topic, exc)
+            return _UNDECODABLE
+
+    cdef int _failed(self, Subscription sub, str topic, object exc) except -1:
+        self.callback_errors += 1
+        self.errlog.log("callback_error", _ERROR, "callback %r raised for a message on %r", sub.callback, topic, exc_info=exc)
+        return 0
+
+    cdef int _enqueue(self, str topic, bytes payload, list subs, Py_ssize_t start, object decoded) except -1:
+        self.queue.append((topic, payload, subs, start, decoded))
+        if not self.reading_paused and len(self.queue) >= self.high_water:
+            self._set_reading(True)
+        return 0
+
+    cdef tuple _pop(self):
+        cdef tuple item = self.queue.popleft()
+        if self.reading_paused and len(self.queue) <= self.low_water:
+            self._set_reading(False)
+        return item
+
+    cdef int _set_reading(self, bint paused) except -1:
+        cdef MqttProtocol proto = self.reader
+        self.reading_paused = paused
+        if paused:
+            self.pauses += 1
+        if proto is None or proto.transport is None:
+            return 0
+        try:
+            if paused:
+                proto.transport.pause_reading()
+            else:
+                proto.transport.resume_reading()
+        except Exception as exc:  # closing transport: connection_lost follows
+            self.logger.debug("pause/resume reading failed: %r", exc)
+        return 0
+
+
+async def _drain(Dispatcher self, Subscription sub, str topic, object awaitable):
+    """The dispatcher task: finish the suspended callback, then the queue."""
+    cdef tuple item
+    cdef list subs
+    cdef Py_ssize_t i, n, start
+    cdef bytes payload
+    try:
+        try:
+            await awaitable
+        except _CancelledError:
+            if self.closing:
+                raise
+            self._failed(sub, topic, _CancelledError("callback was cancelled"))
+        except Exception as exc:
+            self._failed(sub, topic, exc)
+        else:
+            self.dispatched += 1
+        awaitable = None
+        while self.queue:
+            item = self._pop()
+            topic = <str>item[0]
+            payload = <bytes>item[1]
+            subs = <list>item[2]
+            start = <Py_ssize_t>item[3]
+            decoded = item[4]
+            item = None
+            n = PyList_GET_SIZE(subs)
+            for i in range(start, n):
+                sub = <Subscription>PyList_GET_ITEM(subs, i)
+                if not sub.active:
+                    continue
+                if sub.raw:
+                    data = payload
+                else:
+                    if decoded is _PENDING:
+                        decoded = self._decode(topic, payload)
+                    if decoded is _UNDECODABLE:
+                        continue
+                    data = decoded
+                try:
+                    result = sub.callback(topic, data)
+                    if result is not None and hasattr(result, "__await__"):
+                        # Inside this task: a coroutine that does not suspend
+                        # completes within this step.
+                        await result
+                except _CancelledError:
+                    if self.closing:
+                        raise
+                    self._failed(sub, topic, _CancelledError("callback was cancelled"))
+                    continue
+                except Exception as exc:
+                    self._failed(sub, topic, exc)
+                    continue
+                finally:
+                    result = None
+                    data = None
+                self.dispatched += 1
+    finally:
+        self.task = None
+
+
+cdef class Outgoing:
+    """A QoS 1/2 message from publish() to its last acknowledgement."""
+
+    def __cinit__(self, str topic, bytes payload, int qos, bint retain):
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.state = OUT_QUEUED
+
+
+cdef class Session:
+    """Client session state (MQTT 3.1.1 §4.1) and the publish path.
+
+    Outbound QoS 1/2 messages get a packet id and enter an in-flight window
+    of `max_inflight`; more wait in a backlog (their publish() call waits).
+    With ``clean_session=False`` unacknowledged messages survive a lost
+    connection and are re-sent with DUP=1 after the next CONNACK (§4.4);
+    with a clean session the broker forgets them too, so they are counted
+    in ``publish_errors`` (in flight) or ``dropped`` (backlog).
+    """
+
+    def __init__(self, *, int max_inflight, bint clean_session, validate_topic, encode_payload, errlog, logger):
+        if not 1 <= max_inflight <= 65000:
+            raise ValueError(f"max_inflight must be in 1..65000, got {max_inflight}")
+        self.max_inflight = max_inflight
+        self.clean_session = clean_session
+        self.validate_topic = validate_topic
+        self.encode_payload = encode_payload
+        self.errlog = errlog
+        self.logger = logger
+        self.inflight = {}
+        self.backlog = _deque()
+        self.inbound_qos2 = set()
+        self.topics_ok = {}
+        self.idle_waiters = []
+        self.next_packet_id = 1
+
+    def set_loop(self, loop):
+        self.loop = loop
+
+    @property
+    def protocol(self):
+        """The connection publishes go to (CONNACK received), or None."""
+        return self.proto
+
+    @property
+    def inflight_count(self):
+        return len(self.inflight)
+
+    @property
+    def backlog_count(self):
+        return len(self.backlog)
+
+    cpdef object publish(self, object topic, object payload, object qos=0, bint retain=False):
+        """Publish; returns None when done, else an awaitable to wait on.
+
+        The awaitable is a future resolved when the message entered the
+        in-flight window (window full) or when the transport's write buffer
+        drained below its low-water mark (`pause_writing` was called).
+        Raises ValueError/TypeError for a bad topic, QoS or payload type;
+        never for the connection's state.
+        """
+        cdef bytes data
+        cdef MqttProtocol proto
+        cdef Outgoing msg
+        cdef object ptype
+        cdef int q
+        if topic not in self.topics_ok:
+            self._check_topic(topic)
+        if qos == 0:
+            q = 0
+        elif qos == 1:
+            q = 1
+        elif qos == 2:
+            q = 2
+        else:
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        ptype = type(payload)
+        if ptype is bytes:
+            data = <bytes>payload
+        elif ptype is dict:
+            data = _json_dumps(payload)
+        else:
+            data = self.encode_payload(payload)
+        proto = self.proto
+        if proto is None:
+            self.dropped += 1
+            self.errlog.log("publish_dropped", _WARNING, "not connected: publish to %r dropped", topic)
+            return None
+        if q == 0:
+            try:
+                proto._write(_encode_publish(topic, data, 0, retain, False, 0))
+            except Exception as exc:
+                self.publish_errors += 1
+                self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", topic, exc)
+                return None
+            self.published += 1
+            if proto.writing_paused:
+                return proto.drain_waiter_future()
+            return None
+        msg = Outgoing(topic, data, q, retain)
+        if len(self.inflight) < self.max_inflight and not self.backlog:
+            try:
+                self._send(msg)
+            except Exception as exc:
+                self.publish_errors += 1
+                self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", topic, exc)
+                return None
+            self.published += 1
+            if proto.writing_paused:
+                return proto.drain_waiter_future()
+            return None
+        # In-flight window full: wait for an acknowledgement to free a slot.
+        msg.waiter = self.loop.create_future()
+        self.backlog.append(msg)
+        return msg.waiter
+
+    def publish_batch(self, list items, bint retain=False):
+        """QoS 0 publish of many (topic, payload) pairs, encoded in one call.
+
+        Returns like `publish`. Every topic is validated before anything is
+        written, so a bad item raises without sending any of the batch.
+        """
+        cdef list encoded = []
+        cdef MqttProtocol proto
+        cdef object topic, payload, ptype, data
+        for topic, payload in items:
+            if topic not in self.topics_ok:
+                self._check_topic(topic)
+            ptype = type(payload)
+            if ptype is bytes:
+                data = payload
+            elif ptype is dict:
+                data = _json_dumps(payload)
+            else:
+                data = self.encode_payload(payload)
+            encoded.append((topic, data, 0, retain, None))
+        proto = self.proto
+        if proto is None:
+            self.dropped += len(encoded)
+            if encoded:
+                self.errlog.log("publish_dropped", _WARNING, "not connected: %d publishes dropped", len(encoded))
+            return None
+        if not encoded:
+            return None
+        try:
+            proto._write(_codec.encode_publish_batch(encoded))
+        except Exception as exc:
+            self.publish_errors += len(encoded)
+            self.errlog.log("publish_error", _WARNING, "publish batch failed: %r", exc)
+            return None
+        self.published += len(encoded)
+        if proto.writing_paused:
+            return proto.drain_waiter_future()
+        return None
+
+    cdef int _check_topic(self, object topic) except -1:
+        if type(topic) is not str:
+            raise TypeError(f"topic must be str, not {type(topic).__name__}")
+        self.validate_topic(topic)
+        if len(self.topics_ok) >= _TOPIC_CACHE_SIZE:
+            self.topics_ok.clear()
+        self.topics_ok[topic] = True
+        return 0
+
+    cdef int _alloc_packet_id(self) except -1:
+        # MQTT 3.1.1 §2.3.1: non-zero and unused by any packet still awaiting
+        # its acknowledgement (QoS 1/2 PUBLISH, SUBSCRIBE, UNSUBSCRIBE).
+        cdef int pid
+        cdef int tries
+        cdef dict acks = self.proto.acks if self.proto is not None else None
+        for tries in range(_MAX_PACKET_ID):
+            pid = self.next_packet_id
+            self.next_packet_id = pid % _MAX_PACKET_ID + 1
+            if pid in self.inflight:
+                continue
+            if acks is not None and pid in acks:
+                continue
+            return pid
+        raise RuntimeError("no free MQTT packet id")
+
+    def new_packet_id(self):
+        """A packet id for SUBSCRIBE/UNSUBSCRIBE."""
+        return self._alloc_packet_id()
+
+    cdef int _send(self, Outgoing msg) except -1:
+        cdef int pid = self._alloc_packet_id()
+        msg.packet_id = pid
+        msg.state = OUT_SENT
+        self.inflight[pid] = msg
+        self.proto._write(_encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, False, pid))
+        return 0
+
+    cdef int _acked(self, int packet_id, int kind) except -1:
+        cdef Outgoing msg = self.inflight.get(packet_id)
+        if msg is None:
+            if kind == ACK_PUBREC:
+                # Unknown PUBREC (a session we have forgotten): release it anyway so
+                # the broker can drop its state (§4.3.3).
+                self.proto._write(_encode_pubrel(packet_id))
+            else:
+                self.logger.debug("acknowledgement for unknown packet id %d ignored", packet_id)
+            return 0
+        if kind == ACK_PUBACK:
+            if msg.qos != 1:
+                self.logger.debug("PUBACK for QoS %d packet id %d ignored", msg.qos, packet_id)
+                return 0
+            del self.inflight[packet_id]
+        elif kind == ACK_PUBREC:
+            if msg.qos != 2:
+                self.logger.debug("PUBREC for QoS %d packet id %d ignored", msg.qos, packet_id)
+                return 0
+            # §4.3.3: the sender MUST send PUBREL after PUBREC; the PUBLISH is
+            # no longer re-sent, the PUBREL is.
+            msg.state = OUT_RELEASED
+            msg.payload = None
+            self.proto._write(_encode_pubrel(packet_id))
+            return 0
+        else:
+            if msg.state != OUT_RELEASED:
+                self.logger.debug("PUBCOMP before PUBREC for packet id %d ignored", packet_id)
+                return 0
+            del self.inflight[packet_id]
+        if self.backlog:
+            self._fill_window()
+        if not self.inflight:
+            self._check_idle()
+        return 0
+
+    cdef int _fill_window(self) except -1:
+        cdef Outgoing msg
+        while self.backlog and len(self.inflight) < self.max_inflight and self.proto is not None:
+            msg = self.backlog.popleft()
+            self._send(msg)
+            self.published += 1
+            if msg.waiter is not None and not msg.waiter.done():
+                msg.waiter.set_result(None)
+            msg.waiter = None
+        return 0
+
+    cdef int _check_idle(self) except -1:
+        cdef list waiters
+        if self.inflight or self.backlog or not self.idle_waiters:
+            return 0
+        waiters = self.idle_waiters
+        self.idle_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        return 0
+
+    def acknowledged(self):
+        """None when nothing awaits an acknowledgement, else a future for that moment."""
+        if not self.inflight and not self.backlog:
+            return None
+        fut = self.loop.create_future()
+        self.idle_waiters.append(fut)
+        return fut
+
+    cdef int attach(self, MqttProtocol proto, bint session_present) except -1:
+        """The connection got CONNACK 0: publishes go to it from now on."""
+        cdef Outgoing msg
+        self.proto = proto
+        if self.clean_session:
+            self.inbound_qos2.clear()
+        elif self.inflight:
+            # MQTT 3.1.1 §4.4: re-send unacknowledged PUBLISH packets (DUP=1)
+            # and PUBREL packets, in their original order.
+            for msg in list(self.inflight.values()):
+                if msg.state == OUT_SENT:
+                    proto._write(_encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, True, msg.packet_id))
+                else:
+                    proto._write(_encode_pubrel(msg.packet_id))
+                self.resent += 1
+        if self.backlog:
+            self._fill_window()
+        return 0
+
+    cdef int detach(self, MqttProtocol proto) except -1:
+        """The connection is gone. With a clean session its state is gone too."""
+        cdef Py_ssize_t n
+        cdef Outgoing msg
+        if self.proto is not proto:
+            return 0
+        self.proto = None
+        if not self.clean_session:
+            return 0
+        n = len(self.inflight)
+        if n:
+            self.publish_errors += n
+            self.inflight.clear()
+            self.errlog.log("publish_lost", _WARNING, "connection lost: %d unacknowledged QoS 1/2 publishes lost (clean session)", n)
+        n = len(self.backlog)
+        if n:
+            self.dropped += n
+            for msg in self.backlog:
+                if msg.waiter is not None and not msg.waiter.done():
+                    msg.waiter.set_result(None)
+            self.backlog.clear()
+            self.errlog.log("publish_dropped", _WARNING, "connection lost: %d queued QoS 1/2 publishes dropped", n)
+        self._check_idle()
+        return 0
+
+    def release_waiters(self):
+        """disconnect(): nobody waits on a window slot or acknowledgements any more."""
+        cdef Outgoing msg
+        for msg in self.backlog:
+            if msg.waiter is not None and not msg.waiter.done():
+                msg.waiter.set_result(None)
+        for fut in self.idle_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self.idle_waiters = []
+
+
+cdef class MqttProtocol(PacketSink):
+    """One connection to the broker: the MQTT 3.1.1 client state machine."""
+
+    def __init__(self, loop, Session session, Dispatcher dispatcher, TopicTrie trie, bytes connect_packet, *,
+                 double keepalive, Py_ssize_t write_batch=65536, max_packet_size=None, errlog, logger):
+        self.loop = loop
+        self.session = session
+        self.dispatcher = dispatcher
+        self.trie = trie
+        self.connect_packet = connect_packet
+        self.keepalive = keepalive
+        self.write_batch = write_batch
+        self.errlog = errlog
+        self.logger = logger
+        self.decoder = _codec.Decoder() if max_packet_size is None else _codec.Decoder(max_packet_size=max_packet_size)
+        self.connack = loop.create_future()
+        self.closed = loop.create_future()
+        self.acks = {}
+        self.wbuf = bytearray()
+        self.drain_waiters = []
+        self.state = ST_CONNECTING
+
+    @property
+    def connected(self):
+        """CONNACK 0 received and the connection not closing."""
+        return self.state == ST_CONNECTED
+
+    @property
+    def write_pending(self):
+        """Bytes not yet handed to the OS: ours plus the transport's buffer."""
+        cdef Py_ssize_t n = len(self.wbuf)
+        if self.transport is not None:
+            try:
+                n += self.transport.get_write_buffer_size()
+            except Exception:
+                pass
+        return n
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.last_in = self.last_out = self.loop.time()
+        self._write(self.connect_packet)
+        self._flush()
+        self._schedule_keepalive()
+
+    def data_received(self, data):
+        # Nothing may escape from here: uvloop would treat it as a fatal
+        # transport error. A malformed packet closes the connection and the
+        # connector's supervisor reconnects.
+        self.last_in = self.loop.time()
+        try:
+            self.decoder.feed_to(data, self)
+        except ProtocolError as exc:
+            self.session.protocol_errors += 1
+            self.errlog.log("protocol_error", _ERROR, "MQTT protocol error from the broker, reconnecting: %s", exc)
+            self._abort(exc)
+        except Exception as exc:
+            self.session.protocol_errors += 1
+            self.errlog.log("protocol_error", _ERROR, "unexpected error while reading from the broker, reconnecting: %r", exc, exc_info=exc)
+            self._abort(exc)
+
+    def eof_received(self):
+        # The broker closed its side; MQTT has no half-close, so close ours.
+        return False
+
+    def connection_lost(self, exc):
+        cdef object reason = self.close_reason if self.close_reason is not None else exc
+        self.state = ST_CLOSED
+        self.transport = None
+        if self.ka_handle is not None:
+            self.ka_handle.cancel()
+            self.ka_handle = None
+        self.wbuf = bytearray()
+        self.session.detach(self)
+        self.dispatcher.detach_reader(self)
+        if not self.connack.done():
+            err = ConnectionError("the broker closed the connection before CONNACK")
+            if reason is not None:
+                err.__cause__ = reason
+            self.connack.set_exception(err)
+        acks = self.acks
+        self.acks = {}
+        for fut in acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("connection lost before the acknowledgement"))
+        self._wake_drain()
+        if not self.closed.done():
+            self.closed.set_result(reason)
+
+    def pause_writing(self):
+        self.writing_paused = True
+
+    def resume_writing(self):
+        self.writing_paused = False
+        self._wake_drain()
+
+    # -- PacketSink (called by the decoder) ---------------------------------
+
+    cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1:
+        cdef list subs
+        if self.state != ST_CONNECTED:
+            if self.state == ST_CONNECTING:
+                raise ProtocolError("PUBLISH received before CONNACK (MQTT 3.1.1 §3.2)")
+            return 0  # closing: deliver nothing more
+        if qos == 1:
+            # §4.3.2: acknowledge; the dispatcher owns the message from here.
+            self._write(_encode_puback(packet_id))
+        elif qos == 2:
+            # §4.3.3 method B: keep the packet id until PUBREL, deliver once;
+            # a re-sent PUBLISH with a kept id is only acknowledged again.
+            self._write(_encode_pubrec(packet_id))
+            if packet_id in self.session.inbound_qos2:
+                return 0
+            self.session.inbound_qos2.add(packet_id)
+        self.dispatcher.received += 1
+        subs = self.trie.match_shared(topic)
+        if PyList_GET_SIZE(subs):
+            self.dispatcher.deliver(topic, payload, subs)
+        return 0
+
+    cdef int on_packet(self, object packet) except -1:
+        cdef str kind = packet.type
+        if kind == "PUBACK":
+            self.session._acked(packet.packet_id, ACK_PUBACK)
+        elif kind == "PUBREC":
+            self.session._acked(packet.packet_id, ACK_PUBREC)
+        elif kind == "PUBCOMP":
+            self.session._acked(packet.packet_id, ACK_PUBCOMP)
+        elif kind == "PUBREL":
+            # §4.3.3: forget the id, answer PUBCOMP (even for an unknown id).
+            self.session.inbound_qos2.discard(packet.packet_id)
+            self._write(_encode_pubcomp(packet.packet_id))
+        elif kind == "SUBACK" or kind == "UNSUBACK":
+            fut = self.acks.pop(packet.packet_id, None)
+            if fut is None:
+                self.logger.debug("%s for unknown packet id %d ignored", kind, packet.packet_id)
+            elif not fut.done():
+                fut.set_result(list(packet.return_codes) if kind == "SUBACK" else None)
+        elif kind == "PINGRESP":
+            self.ping_sent = 0
+        elif kind == "CONNACK":
+            self._on_connack(packet)
+        else:
+            raise ProtocolError(f"unexpected {kind} packet from the broker")
+        return 0
+
+    cdef int _on_connack(self, object packet) except -1:
+        # §3.2: the first packet from the server is CONNACK, and only one.
+        if self.state != ST_CONNECTING:
+            raise ProtocolError("unexpected second CONNACK")
+        rc = packet.return_code
+        if rc != 0:
+            # §3.2.2.3: the server closes the connection after a refusal.
+            self.state = ST_CLOSING
+            if not self.connack.done():
+                self.connack.set_result((bool(packet.session_present), rc))
+            if self.transport is not None:
+                self.transport.close()
+            return 0
+        self.state = ST_CONNECTED
+        self.session.attach(self, bool(packet.session_present))
+        self.dispatcher.attach_reader(self)
+        if not self.connack.done():
+            self.connack.set_result((bool(packet.session_present), 0))
+        return 0
+
+    # -- writes ---------------------------------------------------------------
+
+    cdef int _write(self, bytes data) except -1:
+        if self.transport is None:
+            raise ConnectionError("not connected")
+        self.wbuf += data
+        if len(self.wbuf) >= self.write_batch:
+            self._flush()
+        elif not self.flush_scheduled:
+            # One transport.write per loop iteration for everything written in it.
+            self.flush_scheduled = True
+            self.loop.call_soon(self._flush_soon)
+        return 0
+
+    cdef int _flush(self) except -1:
+        cdef bytearray buf
+        if not self.wbuf or self.transport is None:
+            return 0
+        # Hand the buffer over (the transport may keep a reference) and start a new one.
+        buf = self.wbuf
+        self.wbuf = bytearray()
+        self.last_out = self.loop.time()
+        self.transport.write(buf)
+        return 0
+
+    def _flush_soon(self):
+        self.flush_scheduled = False
+        try:
+            self._flush()
+        except Exception as exc:  # transport closing under us
+            self.logger.debug("write failed: %r", exc)
+
+    def drain_waiter_future(self):
+        """A future resolved when the transport resumes writing (or is lost).
+
+        One per waiting publish() call, so cancelling one caller does not
+        cancel the others.
+        """
+        fut = self.loop.create_future()
+        self.drain_waiters.append(fut)
+        return fut
+
+    cdef int _wake_drain(self) except -1:
+        cdef list waiters = self.drain_waiters
+        if not waiters:
+            return 0
+        self.drain_waiters = []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        return 0
+
+    cpdef object subscribe(self, list filters):
+        """Send SUBSCRIBE for [(filter, qos), ...]; future of the SUBACK return codes."""
+        cdef int pid = self.session._alloc_packet_id()
+        fut = self.loop.create_future()
+        self._write(_encode_subscribe(pid, filters))
+        self.acks[pid] = fut
+        return fut
+
+    cpdef object unsubscribe(self, list filters):
+        """Send UNSUBSCRIBE for [filter, ...]; future resolved by UNSUBACK."""
+        cdef int pid = self.session._alloc_packet_id()
+        fut = self.loop.create_future()
+        self._write(_encode_unsubscribe(pid, filters))
+        self.acks[pid] = fut
+        return fut
+
+    def send_disconnect(self):
+        """Graceful close: DISCONNECT (so no Last Will, §3.14.4), then close."""
+        if self.transport is None:
+            return
+        self.state = ST_CLOSING
+        try:
+            self._write(_DISCONNECT)
+            self._flush()
+        finally:
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self, reason=None):
+        """Drop the connection now (no DISCONNECT: the broker sends the Last Will)."""
+        self._abort(reason)
+
+    cdef int _abort(self, object reason) except -1:
+        if self.state != ST_CLOSED:
+            self.state = ST_CLOSING
+        if reason is not None and self.close_reason is None:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
+        return 0
+
+    # -- keepalive (MQTT 3.1.1 §3.1.2.10, §3.12) --------------------------------
+
+    cdef int _schedule_keepalive(self) except -1:
+        if self.keepalive > 0 and self.transport is not None:
+            self.ka_handle = self.loop.call_later(max(self.keepalive / 4.0, 0.05), self._keepalive_tick)
+        return 0
+
+    def _keepalive_tick(self):
+        cdef double now
+        self.ka_handle = None
+        if self.transport is None or self.state >= ST_CLOSING:
+            return
+        now = self.loop.time()
+        if self.ping_sent:
+            if self.dispatcher.reading_paused and self.dispatcher.reader is self:
+                # We are not reading, so the PINGRESP cannot arrive: not a dead peer.
+                self.ping_sent = now
+            elif now - max(self.ping_sent, self.last_in) >= self.keepalive:
+                # Nothing at all from the broker for a keepalive period after PINGREQ.
+                self.errlog.log("keepalive", _WARNING, "no PINGRESP from the broker within %.1f s: connection is dead, reconnecting", self.keepalive)
+                self._abort(TimeoutError(f"no PINGRESP within {self.keepalive} s"))
+                return
+        elif now - self.last_out >= self.keepalive * 0.75 or now - self.last_in >= self.keepalive:
+            # §3.1.2.10: a packet at least every keepalive seconds; PINGREQ when idle.
+            try:
+                self._write(_PINGREQ)
+                self._flush()
+            except Exception as exc:
+                self.logger.debug("PINGREQ failed: %r", exc)
+                return
+            self.ping_sent = now
+        self._schedule_keepalive()
+
+
+class AsyncioMqttProtocol(MqttProtocol, asyncio.Protocol):
+    """`MqttProtocol` as an `asyncio.Protocol` (what create_connection gets)."""
+
+    __slots__ = ()
