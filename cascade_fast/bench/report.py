@@ -1,0 +1,177 @@
+"""The bench's results: the rich table, the JSON document, and what was measured.
+
+The table puts the connectors side by side with a fast/python column; the
+JSON document has every raw figure (and the same notes), for scripts and for
+comparing machines. Neither hides a figure that went the wrong way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .measure import ConnectorResult, ratios
+from .runner import BenchSettings
+
+
+def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
+    """Plain sentences on what the figures are, printed under the table and stored in the JSON."""
+    cores = os.cpu_count() or 1
+    rate = "as fast as the publishers go" if not settings.rate else f"at {settings.rate:g} messages/s in total"
+    return [
+        f"Workload: {settings.instances} fleet instances (each a connector with its own source id and Last Will) "
+        f"in {settings.publisher_processes} publisher process(es) publish {settings.messages:,} Cascade "
+        f"TaskStateEvents, QoS {settings.qos}, {rate}; {settings.observers} observer process(es) subscribed to "
+        f"cascade/telemetry/+/{settings.project}/+/events and cascade/status/+ receive them. "
+        "Each connector runs the same workload in fresh processes, one after the other, as publisher and as observer.",
+        f"Broker: {broker_desc}. The broker, the publishers and the observer share this machine's {cores} cores: "
+        "the figures are for the whole pipeline on one host, not the connector alone.",
+        "Delivered msgs/s: telemetry messages the observers received, over the time from first to last receipt.",
+        "Lost: sent but never received, counted by sequence number per source.",
+        "Latency: publisher's send time (in the event body) to the observer's callback, same monotonic clock.",
+        "CPU s/100k: user+system CPU of the client processes from the start signal to the end of their work, "
+        "per 100,000 messages (observer: received; publishers: sent). Peak RSS: the largest process of each side.",
+    ]
+
+
+def document(
+    settings: BenchSettings,
+    broker_desc: str,
+    results: dict[str, ConnectorResult],
+    *,
+    skipped: dict[str, str] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """The JSON document `--json` writes (NaN figures become null)."""
+    ratio = ratios(results["fast"], results["python"]) if {"fast", "python"} <= results.keys() else None
+    doc = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command or " ".join(["cascade-fast", *sys.argv[1:]]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation(),
+        },
+        "broker": broker_desc,
+        "settings": {
+            "connectors": list(settings.connectors),
+            "instances": settings.instances,
+            "publisher_processes": settings.publisher_processes,
+            "observers": settings.observers,
+            "messages": settings.messages,
+            "rate": settings.rate,
+            "duration": settings.duration,
+            "qos": settings.qos,
+            "project": settings.project,
+        },
+        "results": {name: r.to_dict() for name, r in results.items()},
+        "ratio_fast_over_python": ratio,
+        "skipped": skipped or {},
+        "notes": what_is_measured(settings, broker_desc),
+    }
+    return _clean(doc)
+
+
+def write_json(path: str | os.PathLike, doc: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+# (label, getter, format, better) for every row of the table.
+_ROWS = [
+    ("delivered msgs/s", lambda r: r.throughput, "{:,.0f}", "higher"),
+    ("messages sent", lambda r: r.sent, "{:,}", None),
+    ("messages delivered", lambda r: r.delivered, "{:,}", None),
+    ("messages lost", lambda r: r.lost, "{:,}", "lower"),
+    ("latency p50 (ms)", lambda r: r.latency_ms["p50"], "{:,.2f}", "lower"),
+    ("latency p99 (ms)", lambda r: r.latency_ms["p99"], "{:,.2f}", "lower"),
+    ("latency max (ms)", lambda r: r.latency_ms["max"], "{:,.2f}", "lower"),
+    ("observer CPU s / 100k msgs", lambda r: r.observer_cpu_per_100k, "{:,.2f}", "lower"),
+    ("publisher CPU s / 100k msgs", lambda r: r.publisher_cpu_per_100k, "{:,.2f}", "lower"),
+    ("client CPU s / 100k msgs", lambda r: r.client_cpu_per_100k, "{:,.2f}", "lower"),
+    ("observer peak RSS (MB)", lambda r: r.observer_peak_rss_mb, "{:,.1f}", "lower"),
+    ("publisher peak RSS (MB)", lambda r: r.publisher_peak_rss_mb, "{:,.1f}", "lower"),
+    ("broker CPU s", lambda r: r.broker_cpu_s, "{:,.2f}", None),
+]
+
+
+def _fmt(fmt: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def table(results: dict[str, ConnectorResult], title: str) -> Any:
+    """A rich Table: one row per figure, one column per connector, and fast/python."""
+    from .deps import require
+
+    rich_table = require("rich.table", purpose="for the results table")
+    names = [n for n in ("python", "fast") if n in results]
+    both = len(names) == 2
+    t = rich_table.Table(title=title, title_justify="left")
+    t.add_column("figure")
+    for name in names:
+        t.add_column(name, justify="right")
+    if both:
+        t.add_column("fast/python", justify="right")
+    for label, get, fmt, better in _ROWS:
+        values = [get(results[n]) for n in names]
+        row = [label, *(_fmt(fmt, v) for v in values)]
+        if both:
+            row.append(_ratio_cell(values[1], values[0], better))
+        t.add_row(*row)
+    return t
+
+
+def _ratio_cell(fast: Any, python: Any, better: str | None) -> str:
+    if better is None or fast is None or python is None:
+        return ""
+    if any(isinstance(v, float) and math.isnan(v) for v in (fast, python)):
+        return "n/a"
+    if python == 0:
+        return "" if fast == 0 else "n/a"
+    ratio = fast / python
+    good = ratio > 1 if better == "higher" else ratio < 1
+    color = "green" if good else ("red" if ratio != 1 else "")
+    text = f"{ratio:.2f}x"
+    return f"[{color}]{text}[/{color}]" if color else text
+
+
+def plain_table(results: dict[str, ConnectorResult]) -> str:
+    """The same rows as `table`, as plain text (for logs and the README)."""
+    names = [n for n in ("python", "fast") if n in results]
+    both = len(names) == 2
+    header = ["figure", *names] + (["fast/python"] if both else [])
+    rows = [header]
+    for label, get, fmt, better in _ROWS:
+        values = [get(results[n]) for n in names]
+        row = [label, *(_fmt(fmt, v) for v in values)]
+        if both:
+            cell = _ratio_cell(values[1], values[0], better)
+            for color in ("green", "red"):
+                cell = cell.replace(f"[{color}]", "").replace(f"[/{color}]", "")
+            row.append(cell)
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
