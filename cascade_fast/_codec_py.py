@@ -96,6 +96,8 @@ __all__ = [
 DEFAULT_MAX_PACKET_SIZE = 256 * 1024 * 1024
 #: MQTT 3.1.1 §2.2.3: four bytes of 7 bits.
 MAX_REMAINING_LENGTH = 268_435_455
+# Decoder accepts max_packet_size up to this (anything >= 268435455 is "no limit").
+_MAX_PACKET_SIZE_LIMIT = 4_294_967_296
 #: MQTT 3.1.1 §1.5.3: a string is prefixed with a two-byte length.
 MAX_STRING_BYTES = 65_535
 
@@ -483,8 +485,8 @@ class Decoder:
 
     def __init__(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
         max_packet_size = _index(max_packet_size)
-        if max_packet_size < 0:
-            raise ValueError(f"max_packet_size must be >= 0, got {max_packet_size}")
+        if not 0 <= max_packet_size <= _MAX_PACKET_SIZE_LIMIT:
+            raise ValueError(f"max_packet_size must be in 0..{_MAX_PACKET_SIZE_LIMIT}, got {max_packet_size}")
         self._tail = b""  # the incomplete packet kept between feeds
         self._max = max_packet_size  # largest remaining length accepted
         self._error: str | None = None  # the ProtocolError that poisoned the stream
