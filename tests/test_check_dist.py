@@ -125,6 +125,12 @@ def test_unrepaired_wheel_fails_the_manylinux_check(check_dist, tmp_path):
     assert problems == ["wheel: platform tags ['linux_x86_64'] are not manylinux/musllinux (was auditwheel repair run?)"]
 
 
+def test_macos_wheel_passes_the_manylinux_check(check_dist, tmp_path):
+    """--require-manylinux only concerns Linux wheels: a macOS wheel from the release matrix passes."""
+    wheel = make_wheel(tmp_path, WHEEL_FILES, tag="cp312-cp312-macosx_11_0_arm64")
+    assert run(check_dist, make_sdist(tmp_path, SDIST_FILES), wheel, "--require-manylinux") == []
+
+
 def test_wheel_for_another_platform_fails_the_installable_check(check_dist, tmp_path):
     """A wheel whose tags this interpreter does not accept fails --installable."""
     wheel = make_wheel(tmp_path, WHEEL_FILES, tag="cp27-cp27mu-manylinux1_i686")

@@ -16,7 +16,8 @@ wheel
   - no Cython or C sources (``.pyx``, ``.pxd``, ``.pxi``, ``.c``, ``.cpp``,
     ``.h``), no annotation ``.html``, no tests/tools/benches;
   - ``Root-Is-Purelib: false`` (it is a platform wheel);
-  - with --require-manylinux, a manylinux (or musllinux) platform tag;
+  - with --require-manylinux, a Linux wheel has a manylinux (or musllinux)
+    platform tag, not a bare ``linux_<arch>`` one (other platforms pass);
   - with --installable, a tag this interpreter's pip accepts.
 
 sdist
@@ -161,7 +162,10 @@ def check_tags(path: Path, require_manylinux: bool, installable: bool) -> list[s
     problems: list[str] = []
     _, _, _, wheel_tags = utils.parse_wheel_filename(path.name)
     platforms = sorted({t.platform for t in wheel_tags})
-    if require_manylinux and not any(p.startswith(("manylinux", "musllinux")) for p in platforms):
+    # A Linux wheel must carry a portable tag (a bare linux_<arch> one is refused
+    # by PyPI and means auditwheel did not run); macOS/Windows tags are left alone.
+    linux = [p for p in platforms if "linux" in p]
+    if require_manylinux and linux and not any(p.startswith(("manylinux", "musllinux")) for p in linux):
         problems.append(f"wheel: platform tags {platforms} are not manylinux/musllinux (was auditwheel repair run?)")
     if installable:
         supported = set(tags.sys_tags())
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sdist", type=Path, help="the .tar.gz to check")
     parser.add_argument("--wheel", type=Path, help="the .whl to check")
-    parser.add_argument("--require-manylinux", action="store_true", help="fail unless the wheel has a manylinux/musllinux tag")
+    parser.add_argument("--require-manylinux", action="store_true", help="fail if a Linux wheel has no manylinux/musllinux tag")
     parser.add_argument("--git-ref", help="the sdist was built from this commit: expect its tracked files")
     parser.add_argument("--installable", action="store_true", help="fail unless pip on this interpreter accepts the wheel")
     args = parser.parse_args(argv)
