@@ -1,0 +1,876 @@
+"""`PyMqttConnector`: the pure-Python reference connector, on aiomqtt 2.x.
+
+This is the baseline Cascade users have today, made correct and complete:
+it defines, together with the behaviour test suite, what the compiled
+`cascade_fast.FastMqttConnector` must do. It stays deliberately plain (one
+supervisor task, one aiomqtt client per connection, the pure-Python topic
+trie) so that it is easy to trust; speed is the fast connector's job.
+
+Layout (asyncpg's split between `Connection` and its protocol): the public
+`PyMqttConnector` is a thin handle over an `_Engine` that owns all state and
+the supervisor task. The task references only the engine, so a connector the
+user forgot to disconnect can still be garbage collected; its `__del__` then
+emits a `ResourceWarning` and aborts the engine (the broker publishes the
+Last Will), as asyncio transports do.
+
+Where aiomqtt's behaviour does not fit the contract, the connector works
+around it; each workaround says why at the place it is made:
+
+- aiomqtt's `publish()` waits for PUBACK (QoS 1) or for the write (QoS 0),
+  one round trip per call; publishing is fire-and-forget here, so we call the
+  wrapped paho client's non-blocking `publish()` and track its
+  `MQTTMessageInfo`s for `flush()` (paho's `on_publish` is chained).
+- aiomqtt reports every connect failure as `MqttError(str(exc))` raised
+  ``from None``; the original `OSError` is still in ``__context__`` and is
+  re-raised so callers can catch `ConnectionError`/`OSError`/`TimeoutError`.
+- A CONNACK that never comes leaves aiomqtt's socket open, and a client whose
+  connection was lost keeps a `_connected` future that is already done (so
+  re-entering it would not wait for the next CONNACK); a fresh
+  `aiomqtt.Client` is therefore made for every connection attempt, and a
+  failed or lost one is closed hard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import secrets
+import ssl
+import warnings
+import weakref
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError, MqttError
+
+from cascade_fast._errors import ConnectRefusedError, SubscribeRefusedError
+from cascade_fast._topics_py import TopicTrie, validate_filter, validate_topic
+
+from ._common import (
+    OFFLINE_PAYLOAD,
+    ONLINE_PAYLOAD,
+    STAT_KEYS,
+    Backoff,
+    Callback,
+    Payload,
+    RateLimitedLog,
+    SubscriptionHandle,
+    decode_payload,
+    default_source_id,
+    encode_payload,
+    logger,
+    status_topic,
+)
+
+__all__ = ["PyMqttConnector"]
+
+#: paho turns a MQTT 3.1.1 CONNACK return code into an MQTT 5 reason code
+#: (`paho.mqtt._packet.convert_connack_rc_to_reason_code`); map it back by
+#: name so `ConnectRefusedError.return_code` is the 3.1.1 value (§3.2.2.3).
+_CONNACK_RETURN_CODES = {
+    "Unsupported protocol version": 1,
+    "Client identifier not valid": 2,
+    "Server unavailable": 3,
+    "Bad user name or password": 4,
+    "Not authorized": 5,
+}
+
+#: aiomqtt.Client options the connector sets itself; passing them in
+#: ``**kwargs`` would silently change presence or identity, so they are
+#: ignored with the unknown ones.
+_MANAGED_OPTIONS = frozenset(
+    {"hostname", "port", "username", "password", "identifier", "will", "clean_session", "keepalive", "tls_context", "timeout"}
+)
+#: Everything else aiomqtt.Client accepts is passed through.
+_PASSTHROUGH_OPTIONS = frozenset(inspect.signature(aiomqtt.Client.__init__).parameters) - {"self"} - _MANAGED_OPTIONS
+
+#: Unknown option names already warned about (the warning is logged once per
+#: process and name, so a fleet of connectors does not repeat it).
+_warned_options: set[str] = set()
+
+#: Publishes not yet written (QoS 0) or acknowledged (QoS 1/2) beyond which
+#: `publish()` waits: backpressure instead of unbounded memory.
+_MAX_UNCONFIRMED = 1000
+#: `disconnect()` waits at most this long for pending publishes (contract).
+_DISCONNECT_FLUSH_TIMEOUT = 5.0
+#: `flush(None)` waits at most this long (contract).
+_DEFAULT_FLUSH_TIMEOUT = 30.0
+#: SUBACK codes at or above this are failures (MQTT 3.1.1 §3.9.3: 0x80).
+_SUBACK_FAILURE = 0x80
+
+
+def _suback_code(code: Any) -> int:
+    """An int from whatever aiomqtt returned for one filter (a paho ReasonCode or an int)."""
+    return int(getattr(code, "value", code))
+
+
+class _Engine:
+    """State and background work of one connector; the supervisor task references only this.
+
+    Owns the topic trie and the subscriptions, the counters, the current
+    aiomqtt client and the publishes awaiting confirmation. Runs on one event
+    loop: nothing here is thread-safe, nor needs to be.
+    """
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        port: int,
+        client_id: str,
+        source_id: str,
+        username: str | None,
+        password: str | None,
+        keepalive: int,
+        tls_context: ssl.SSLContext | None,
+        clean_session: bool,
+        reconnect_delay: float,
+        max_reconnect_delay: float,
+        connect_timeout: float,
+        client_options: dict[str, Any],
+    ) -> None:
+        # Fail at construction, not at the first reconnect, on bad delays.
+        Backoff(reconnect_delay, max_reconnect_delay)
+        self.hostname = hostname
+        self.port = port
+        self.client_id = client_id
+        self.source_id = source_id
+        self.status_topic = status_topic(source_id)
+        self._username = username
+        self._password = password
+        self._keepalive = keepalive
+        self._tls_context = tls_context
+        self._clean_session = clean_session
+        self._reconnect_delay = reconnect_delay
+        self._max_reconnect_delay = max_reconnect_delay
+        self._connect_timeout = connect_timeout
+        self._client_options = client_options
+
+        self._counters: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._log = RateLimitedLog(logger)
+
+        # Local subscriptions: the trie maps each filter to its handles (in
+        # subscription order, which is the order callbacks are called in);
+        # `_filters` keeps the same handles per filter for bookkeeping.
+        self._trie = TopicTrie()
+        self._filters: dict[str, list[SubscriptionHandle]] = {}
+        self._filter_qos: dict[str, int] = {}
+        # Filters the broker acknowledged on the current connection, and the
+        # SUBSCRIBEs in flight (filter -> future of {filter: SUBACK code}).
+        self._acked: set[str] = set()
+        self._inflight_sub: dict[str, asyncio.Future[dict[str, int | None]]] = {}
+
+        # The client of the current connection, set from CONNACK until loss.
+        self._client: aiomqtt.Client | None = None
+        # mid -> paho MQTTMessageInfo of publishes not yet written/acknowledged.
+        self._unconfirmed: dict[int, paho.MQTTMessageInfo] = {}
+        # Resolved (and replaced) whenever a publish is confirmed or lost.
+        self._progress: asyncio.Future[None] | None = None
+
+        self._supervisor: asyncio.Task[None] | None = None
+        self._first_connect: asyncio.Future[None] | None = None
+        self._closing = False
+        self._aborted = False
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def running(self) -> bool:
+        """Whether the supervisor task is alive (connected, connecting or backing off)."""
+        return self._supervisor is not None and not self._supervisor.done()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def stats(self) -> dict[str, int]:
+        stats = dict(self._counters)
+        client = self._client
+        # Deliveries received but not yet dispatched: they wait in aiomqtt's
+        # queue while a coroutine callback runs.
+        stats["queue_depth"] = len(client.messages) if client is not None else 0
+        stats["connected"] = int(client is not None)
+        return stats
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def connect(self) -> None:
+        task = self._supervisor
+        if task is not None and not task.done():
+            if not self._closing:
+                # Connected or connecting: share the first attempt's outcome.
+                assert self._first_connect is not None
+                await asyncio.shield(self._first_connect)
+                return
+            # A disconnect() is in progress: let it finish, then start anew.
+            await asyncio.wait([task])
+        loop = asyncio.get_running_loop()
+        first = loop.create_future()
+        # Mark the outcome as retrieved even if the caller is gone by then,
+        # so asyncio never logs "Future exception was never retrieved".
+        first.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._first_connect = first
+        self._aborted = False
+        self._supervisor = task = loop.create_task(
+            self._supervise(first), name=f"cascade.mqtt supervisor {self.client_id}"
+        )
+        try:
+            await asyncio.shield(first)
+        except BaseException:
+            # The first attempt failed (the supervisor has returned) or our
+            # caller was cancelled (stop the attempt): either way no task is
+            # left behind.
+            if not task.done():
+                task.cancel()
+            await asyncio.wait([task])
+            if self._supervisor is task:
+                self._supervisor = None
+            raise
+
+    async def disconnect(self) -> None:
+        task = self._supervisor
+        if task is None:
+            return
+        if self._closing:
+            # Another disconnect() is doing the work; wait for it.
+            await asyncio.wait([task])
+            return
+        self._closing = True
+        try:
+            if not task.done() and self._client is not None:
+                # A Last Will is not sent on a clean DISCONNECT (MQTT 3.1.1
+                # §3.14.4), so watchers learn of it from this instead.
+                await self._send(self.status_topic, OFFLINE_PAYLOAD, 1, True)
+                try:
+                    await self.flush(_DISCONNECT_FLUSH_TIMEOUT)
+                except TimeoutError:
+                    logger.warning(
+                        "disconnect: %d publishes to %s:%d not confirmed within %.0f s; they are counted as publish_errors",
+                        len(self._unconfirmed),
+                        self.hostname,
+                        self.port,
+                        _DISCONNECT_FLUSH_TIMEOUT,
+                    )
+        finally:
+            # The supervisor's cleanup sends DISCONNECT and closes the socket.
+            if not task.done():
+                task.cancel()
+            await asyncio.wait([task])
+            if self._supervisor is task:
+                self._supervisor = None
+            self._closing = False
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("supervisor of %s ended with an error", self.client_id, exc_info=task.exception())
+
+    def abort(self) -> None:
+        """Stop without DISCONNECT (so the broker sends the Last Will); safe from `__del__`."""
+        self._aborted = True
+        task = self._supervisor
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if not loop.is_closed():
+            # __del__ may run on any thread, at any point of the loop.
+            loop.call_soon_threadsafe(task.cancel)
+
+    # ------------------------------------------------------------- supervisor
+
+    async def _supervise(self, first_connect: asyncio.Future[None]) -> None:
+        """Connect, dispatch until the connection is lost, back off, repeat; until cancelled.
+
+        The only owner of the aiomqtt clients: every client is opened and
+        closed here, so a connection can never outlive the task.
+        """
+        backoff = Backoff(self._reconnect_delay, self._max_reconnect_delay)
+        try:
+            while True:
+                client = self._new_client()
+                try:
+                    await self._open(client)
+                except Exception as exc:
+                    if not first_connect.done():
+                        # The first failure belongs to the connect() caller.
+                        first_connect.set_exception(exc)
+                        return
+                    self._log.log(
+                        "reconnect-failed",
+                        logging.WARNING,
+                        "reconnect to %s:%d failed: %s",
+                        self.hostname,
+                        self.port,
+                        exc,
+                    )
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                backoff.reset()
+                if first_connect.done():
+                    self._counters["reconnects"] += 1
+                    logger.info("reconnected to %s:%d as %s", self.hostname, self.port, self.client_id)
+                lost: BaseException | None = None
+                try:
+                    await self._on_connack(client)
+                    if not first_connect.done():
+                        first_connect.set_result(None)
+                    lost = await self._message_loop(client)
+                finally:
+                    self._connection_lost(client)
+                    await self._close(client, graceful=lost is None and not self._aborted)
+                logger.warning(
+                    "connection to %s:%d lost (%s); reconnecting", self.hostname, self.port, lost
+                )
+                await asyncio.sleep(backoff.next_delay())
+        finally:
+            if not first_connect.done():
+                # disconnect() or abort() while the first attempt was running.
+                first_connect.set_exception(ConnectionError("the connector was closed while connecting"))
+
+    def _new_client(self) -> aiomqtt.Client:
+        """A fresh aiomqtt client with our Last Will, for one connection attempt."""
+        client = aiomqtt.Client(
+            self.hostname,
+            self.port,
+            username=self._username,
+            password=self._password,
+            identifier=self.client_id,
+            # Presence: the broker publishes this if we vanish without DISCONNECT.
+            will=aiomqtt.Will(self.status_topic, OFFLINE_PAYLOAD, qos=1, retain=True),
+            clean_session=self._clean_session,
+            keepalive=self._keepalive,
+            tls_context=self._tls_context,
+            # aiomqtt's timeout bounds the CONNACK wait (and SUBACK/UNSUBACK).
+            timeout=self._connect_timeout,
+            **self._client_options,
+        )
+        inner = client._client  # the wrapped paho client (see the module docstring)
+        # paho's own TCP connect timeout (default 5 s) follows ours.
+        inner.connect_timeout = self._connect_timeout
+        # Chain paho's on_publish: aiomqtt keeps its own bookkeeping, we learn
+        # which fire-and-forget publishes were written or acknowledged.
+        aiomqtt_on_publish = inner.on_publish
+        on_confirmed = self._on_publish_confirmed
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+            aiomqtt_on_publish(c, userdata, mid, reason_code, properties)
+            on_confirmed(mid)
+
+        inner.on_publish = on_publish
+        return client
+
+    async def _open(self, client: aiomqtt.Client) -> None:
+        """Connect `client`, turning aiomqtt's errors into the contract's exceptions."""
+        try:
+            await client.__aenter__()
+        except MqttConnectError as exc:
+            code = exc.rc
+            if hasattr(code, "getName"):  # a paho ReasonCode
+                return_code = _CONNACK_RETURN_CODES.get(code.getName(), code.value)
+            else:
+                return_code = int(code or 0)
+            raise ConnectRefusedError(return_code) from None
+        except MqttError as exc:
+            # aiomqtt raises MqttError(str(os_error)) from None; the OSError
+            # (ConnectionRefusedError, socket timeout, DNS failure) is kept in
+            # __context__ and is what the contract promises the caller.
+            cause = exc.__context__
+            if isinstance(cause, OSError):
+                raise cause from None
+            # No CONNACK in time: aiomqtt leaves the socket open.
+            self._close_hard(client)
+            if "timed out" in str(exc):
+                raise TimeoutError(
+                    f"no CONNACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s"
+                ) from None
+            raise ConnectionError(f"cannot connect to {self.hostname}:{self.port}: {exc}") from None
+
+    async def _on_connack(self, client: aiomqtt.Client) -> None:
+        """After every CONNACK: announce presence, then re-subscribe every registered filter."""
+        self._client = client
+        self._acked.clear()
+        await self._send(self.status_topic, ONLINE_PAYLOAD, 1, True)
+        filters = list(self._filters)
+        if not filters:
+            return
+        results = await self._broker_subscribe(client, filters)
+        for topic_filter, code in results.items():
+            if code is not None and code >= _SUBACK_FAILURE:
+                # Nobody to raise to: the callbacks stay registered and the
+                # filter is tried again on the next connection.
+                logger.error(
+                    "broker %s:%d refused the re-subscription to %r (SUBACK 0x%02x); retried on the next reconnect",
+                    self.hostname,
+                    self.port,
+                    topic_filter,
+                    code,
+                )
+
+    async def _message_loop(self, client: aiomqtt.Client) -> BaseException:
+        """Dispatch messages in arrival order until the connection is lost; returns why."""
+        try:
+            async for message in client.messages:
+                await self._dispatch(message.topic.value, message.payload)
+        except MqttError as exc:
+            return exc
+        return ConnectionError("message iterator ended")  # pragma: no cover - aiomqtt never ends it
+
+    def _connection_lost(self, client: aiomqtt.Client) -> None:
+        """Forget the connection's state; unconfirmed publishes are lost with it (and counted)."""
+        if self._client is client:
+            self._client = None
+        self._acked.clear()
+        queued = len(client.messages)
+        if queued and not self._closing:
+            logger.warning("%d received messages were not dispatched before the connection closed", queued)
+        lost = len(self._unconfirmed)
+        if lost:
+            # A fresh client is made per connection, so paho will not
+            # retransmit these (QoS 0 ones are gone anyway, MQTT 3.1.1 §4.3.1).
+            self._counters["publish_errors"] += lost
+            self._log.log(
+                "publish-lost",
+                logging.WARNING,
+                "%d publishes were not confirmed before the connection to %s:%d closed",
+                lost,
+                self.hostname,
+                self.port,
+            )
+            self._unconfirmed.clear()
+        self._wake()
+
+    async def _close(self, client: aiomqtt.Client, *, graceful: bool) -> None:
+        """Close `client`: DISCONNECT when the connection is alive and wanted, else hard."""
+        try:
+            if graceful and not client._disconnected.done():
+                await asyncio.wait_for(client.__aexit__(None, None, None), timeout=min(self._connect_timeout, 5.0))
+        except (MqttError, OSError, asyncio.TimeoutError) as exc:
+            logger.debug("graceful disconnect from %s:%d failed: %s", self.hostname, self.port, exc)
+        finally:
+            disconnected = client._disconnected
+            if disconnected.done() and not disconnected.cancelled():
+                # aiomqtt stores the loss reason in this future and only its
+                # message iterator reads it; read it so asyncio never logs
+                # "Future exception was never retrieved".
+                disconnected.exception()
+            self._close_hard(client)
+            misc = client._misc_task
+            if misc is not None and not misc.done():
+                # aiomqtt's keepalive task; it is cancelled from a thread-safe
+                # callback, so finish it here for a deterministic shutdown.
+                misc.cancel()
+                await asyncio.wait([misc])
+
+    @staticmethod
+    def _close_hard(client: aiomqtt.Client) -> None:
+        """Close the socket without DISCONNECT (paho unregisters it from the loop first)."""
+        client._client._sock_close()
+
+    # --------------------------------------------------------------- dispatch
+
+    async def _dispatch(self, topic: str, payload: bytes) -> None:
+        """Deliver one PUBLISH to every matching callback, in subscription order."""
+        counters = self._counters
+        counters["received"] += 1
+        handles = self._trie.match(topic)
+        if not handles:
+            return
+        data: Any = None
+        decoded = False
+        undecodable = False
+        for handle in handles:
+            # Checked per callback: an unsubscribe made by an earlier
+            # callback of this very message stops delivery at once.
+            if not handle.active:
+                continue
+            if handle.raw:
+                arg: Any = payload
+            else:
+                if not decoded:
+                    decoded = True
+                    try:
+                        data = decode_payload(payload)
+                    except ValueError as exc:
+                        undecodable = True
+                        counters["decode_errors"] += 1
+                        self._log.log(
+                            "decode-error",
+                            logging.WARNING,
+                            "payload on %r is not JSON (%s); %d bytes not delivered to JSON callbacks",
+                            topic,
+                            exc,
+                            len(payload),
+                        )
+                if undecodable:
+                    continue
+                arg = data
+            try:
+                result = handle.callback(topic, arg)
+                if handle.is_coroutine or inspect.isawaitable(result):
+                    # Strict order: this callback finishes before the next
+                    # callback (or the next message) starts.
+                    await result
+            except Exception:
+                counters["callback_errors"] += 1
+                self._log.log(
+                    "callback-error",
+                    logging.ERROR,
+                    "callback %r for %r raised on a message to %r",
+                    handle.callback,
+                    handle.topic_filter,
+                    topic,
+                    exc_info=True,
+                )
+            else:
+                counters["dispatched"] += 1
+
+    # ---------------------------------------------------------------- publish
+
+    async def publish(self, topic: str, payload: Payload, qos: int, retain: bool) -> None:
+        validate_topic(topic)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+        await self._send(topic, encode_payload(payload), qos, bool(retain))
+
+    async def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        """Hand one PUBLISH to paho without waiting for it: counts, never raises for network state."""
+        while len(self._unconfirmed) >= _MAX_UNCONFIRMED and self._client is not None:
+            # Backpressure: wait for the broker instead of queueing without bound.
+            await self._wait_progress(None)
+        client = self._client
+        if client is None:
+            self._counters["dropped"] += 1
+            self._log.log(
+                "publish-dropped",
+                logging.WARNING,
+                "not connected to %s:%d: publish to %r dropped",
+                self.hostname,
+                self.port,
+                topic,
+            )
+            return
+        # paho's publish only queues the packet (the loop writes it), so this
+        # does not block; aiomqtt's publish() would wait for the PUBACK.
+        info = client._client.publish(topic, data, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self._counters["publish_errors"] += 1
+            self._log.log(
+                "publish-error",
+                logging.WARNING,
+                "publish to %r failed: %s",
+                topic,
+                paho.error_string(info.rc),
+            )
+            return
+        self._counters["published"] += 1
+        if not info.is_published():
+            self._unconfirmed[info.mid] = info
+
+    def _on_publish_confirmed(self, mid: int) -> None:
+        """paho's on_publish: written (QoS 0), PUBACK (QoS 1) or PUBCOMP (QoS 2) arrived."""
+        if self._unconfirmed.pop(mid, None) is not None:
+            self._wake()
+
+    def _wake(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
+            if not progress.done():
+                progress.set_result(None)
+
+    async def _wait_progress(self, timeout: float | None) -> None:
+        """Wait until some publish is confirmed or lost (asyncio.TimeoutError after `timeout`)."""
+        if self._progress is None:
+            self._progress = asyncio.get_running_loop().create_future()
+        # Shielded: one waiter timing out must not cancel the shared future.
+        await asyncio.wait_for(asyncio.shield(self._progress), timeout)
+
+    async def flush(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        limit = _DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout
+        deadline = loop.time() + limit
+        pending = list(self._unconfirmed.items())
+        while True:
+            # Confirmed publishes leave `_unconfirmed`, and so do the ones lost
+            # with a connection (counted as publish_errors): neither is waited for.
+            pending = [(mid, info) for mid, info in pending if self._unconfirmed.get(mid) is info]
+            if not pending:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"flush: {len(pending)} publishes not confirmed within {limit:g} s")
+            try:
+                await self._wait_progress(remaining)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---------------------------------------------------------- subscriptions
+
+    async def subscribe(
+        self, owner: Any, topic_filter: str, callback: Callback, qos: int, raw: bool
+    ) -> SubscriptionHandle:
+        validate_filter(topic_filter)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        handle = SubscriptionHandle(owner, topic_filter, callback, raw=raw)
+        handles = self._filters.get(topic_filter)
+        if handles is None:
+            self._filters[topic_filter] = handles = []
+            # A filter has one broker subscription; its first handle sets the QoS.
+            self._filter_qos[topic_filter] = qos
+        handles.append(handle)
+        self._trie.add(topic_filter, handle)
+
+        client = self._client
+        if client is None or topic_filter in self._acked:
+            # Not connected: sent on (re)connect. Already subscribed: one
+            # broker subscription serves every handle of the filter.
+            return handle
+        try:
+            inflight = self._inflight_sub.get(topic_filter)
+            if inflight is not None:
+                results = await asyncio.shield(inflight)
+            else:
+                results = await self._broker_subscribe(client, [topic_filter])
+        except BaseException:
+            # Cancelled while waiting for SUBACK: the caller never gets the
+            # handle, so it must not stay registered.
+            handle.active = False
+            self._forget(handle)
+            raise
+        code = results.get(topic_filter)
+        if code is not None and code >= _SUBACK_FAILURE:
+            handle.active = False
+            self._forget(handle)
+            raise SubscribeRefusedError(topic_filter)
+        # code None: the connection went away before SUBACK; the filter stays
+        # registered and is subscribed again on reconnect.
+        return handle
+
+    async def _broker_subscribe(self, client: aiomqtt.Client, filters: list[str]) -> dict[str, int | None]:
+        """One SUBSCRIBE for `filters`; returns each filter's SUBACK code (None: no SUBACK)."""
+        future: asyncio.Future[dict[str, int | None]] = asyncio.get_running_loop().create_future()
+        for topic_filter in filters:
+            self._inflight_sub[topic_filter] = future
+        results: dict[str, int | None] = dict.fromkeys(filters)
+        try:
+            codes = await client.subscribe([(f, self._filter_qos[f]) for f in filters])
+            results = {f: _suback_code(c) for f, c in zip(filters, codes)}
+        except MqttError as exc:
+            # Lost connection or no SUBACK in time: the supervisor's next
+            # connection subscribes again.
+            logger.debug("SUBSCRIBE %r got no SUBACK: %s", filters, exc)
+        finally:
+            # Also on cancellation: concurrent subscribe() calls waiting on
+            # this future must wake up, with "no SUBACK".
+            if not future.done():
+                future.set_result(results)
+            for topic_filter in filters:
+                if self._inflight_sub.get(topic_filter) is future:
+                    del self._inflight_sub[topic_filter]
+            if client is self._client:
+                for topic_filter, code in results.items():
+                    if code is not None and code < _SUBACK_FAILURE and topic_filter in self._filters:
+                        self._acked.add(topic_filter)
+        return results
+
+    async def remove_subscription(self, handle: SubscriptionHandle) -> None:
+        handle.active = False
+        topic_filter = handle.topic_filter
+        if not self._forget(handle):
+            return
+        client = self._client
+        if client is None or topic_filter not in self._acked:
+            return
+        # The last handle of the filter went: UNSUBSCRIBE (MQTT 3.1.1 §3.10).
+        self._acked.discard(topic_filter)
+        try:
+            await client.unsubscribe(topic_filter)
+        except MqttError as exc:
+            # The connection is going away; with it the broker subscription
+            # (clean session) or our claim to it (a new connection only
+            # subscribes to registered filters).
+            logger.debug("UNSUBSCRIBE %r got no UNSUBACK: %s", topic_filter, exc)
+
+    def _forget(self, handle: SubscriptionHandle) -> bool:
+        """Remove `handle` locally; True when it was the filter's last handle."""
+        topic_filter = handle.topic_filter
+        self._trie.remove(topic_filter, handle)
+        handles = self._filters.get(topic_filter)
+        if handles is None:
+            return False
+        try:
+            handles.remove(handle)
+        except ValueError:
+            return False
+        if handles:
+            return False
+        del self._filters[topic_filter]
+        del self._filter_qos[topic_filter]
+        return True
+
+
+class PyMqttConnector:
+    """Cascade's MQTT connector in pure Python (aiomqtt): the reference implementation.
+
+    Publishes are fire-and-forget (counted in `stats()`, never raising for
+    network state), subscriptions survive reconnects, presence is announced
+    on ``cascade/status/{source_id}`` with a retained Last Will. The
+    behaviour is the one `cascade_fast.FastMqttConnector` has; the test
+    suite in ``tests/test_connector_*.py`` runs against both.
+
+    ``**kwargs`` are passed through to `aiomqtt.Client` (for example
+    ``max_queued_incoming_messages``); an option aiomqtt does not know, or one
+    the connector manages itself, is logged once at WARNING and ignored.
+    """
+
+    def __init__(
+        self,
+        hostname: str = "localhost",
+        port: int = 1883,
+        *,
+        client_id: str | None = None,
+        source_id: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 60,
+        tls_context: ssl.SSLContext | None = None,
+        clean_session: bool = True,
+        reconnect_delay: float = 0.1,
+        max_reconnect_delay: float = 30.0,
+        connect_timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> None:
+        source_id = source_id or default_source_id()
+        # Unique per connector: two connectors with one client id would kick
+        # each other off the broker (MQTT 3.1.1 §3.1.4).
+        client_id = client_id or f"{source_id}-{secrets.token_hex(4)}"
+        options: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            if name in _PASSTHROUGH_OPTIONS:
+                options[name] = value
+            elif name not in _warned_options:
+                _warned_options.add(name)
+                # Only the name: the value could be a secret.
+                logger.warning(
+                    "PyMqttConnector ignores the option %r (%s)",
+                    name,
+                    "set by the connector itself" if name in _MANAGED_OPTIONS else "not an aiomqtt.Client option",
+                )
+        self._engine = _Engine(
+            hostname=hostname,
+            port=port,
+            client_id=client_id,
+            source_id=source_id,
+            username=username,
+            password=password,
+            keepalive=keepalive,
+            tls_context=tls_context,
+            clean_session=clean_session,
+            reconnect_delay=reconnect_delay,
+            max_reconnect_delay=max_reconnect_delay,
+            connect_timeout=connect_timeout,
+            client_options=options,
+        )
+        # Handles reach the connector through a weak proxy, so the handles the
+        # engine stores do not keep a forgotten connector alive.
+        self._proxy = weakref.proxy(self)
+
+    @property
+    def source_id(self) -> str:
+        return self._engine.source_id
+
+    @property
+    def client_id(self) -> str:
+        return self._engine.client_id
+
+    @property
+    def hostname(self) -> str:
+        return self._engine.hostname
+
+    @property
+    def port(self) -> int:
+        return self._engine.port
+
+    @property
+    def connected(self) -> bool:
+        """True from CONNACK until the connection is lost or closed."""
+        return self._engine.connected
+
+    async def connect(self) -> None:
+        """Connect (idempotent); the first failure raises, later ones are retried by themselves.
+
+        Raises `ConnectRefusedError` for a non-zero CONNACK, `ConnectionError`
+        or `OSError` when the broker is unreachable, `TimeoutError` after
+        ``connect_timeout`` (applied to the TCP connect and to the CONNACK
+        wait). Returns once CONNACK arrived, presence was announced and the
+        filters subscribed so far were acknowledged.
+        """
+        await self._engine.connect()
+
+    async def disconnect(self) -> None:
+        """Announce ``offline``, wait (5 s at most) for pending publishes, DISCONNECT; idempotent."""
+        await self._engine.disconnect()
+
+    async def publish(self, topic: str, payload: Payload = None, qos: int = 0, retain: bool = False) -> None:
+        """Send `payload` to `topic`, fire-and-forget.
+
+        dict/list go as JSON, bytes-like and str as they are, None or empty
+        as an empty payload (which clears a retained message). An invalid
+        topic or QoS is a `ValueError`, an unsupported payload a `TypeError`;
+        network trouble is never raised: it is counted (``dropped`` when not
+        connected, ``publish_errors`` when sending fails) and logged.
+        """
+        await self._engine.publish(topic, payload, qos, retain)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until every publish so far is written (QoS 0) or acknowledged (QoS 1/2).
+
+        Publishes lost with a connection are not waited for (they are counted
+        as ``publish_errors``). Raises `TimeoutError` after `timeout` seconds
+        (None: 30 s).
+        """
+        await self._engine.flush(timeout)
+
+    async def subscribe(
+        self, topic_filter: str, callback: Callback, *, qos: int = 1, raw: bool = False
+    ) -> SubscriptionHandle:
+        """Call ``callback(topic, data)`` for every message matching `topic_filter`.
+
+        `data` is the decoded JSON (empty payload -> ``{}``), or the payload
+        bytes when `raw`. When connected, waits for the broker's SUBACK and
+        raises `SubscribeRefusedError` if it refused; otherwise the filter is
+        subscribed on (re)connect. An invalid filter is a `ValueError`.
+        """
+        return await self._engine.subscribe(self._proxy, topic_filter, callback, qos, raw)
+
+    async def _remove_subscription(self, handle: SubscriptionHandle) -> None:
+        """Called by `SubscriptionHandle.unsubscribe()`."""
+        await self._engine.remove_subscription(handle)
+
+    def stats(self) -> dict[str, int]:
+        """Counters (`_common.STAT_KEYS`) plus ``queue_depth`` and ``connected`` (0/1)."""
+        return self._engine.stats()
+
+    async def __aenter__(self) -> PyMqttConnector:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.disconnect()
+
+    def __repr__(self) -> str:
+        engine = getattr(self, "_engine", None)
+        if engine is None:
+            return f"<{type(self).__name__} (not initialised)>"
+        state = "connected" if engine.connected else ("connecting" if engine.running else "disconnected")
+        return f"<{type(self).__name__} {engine.hostname}:{engine.port} client_id={engine.client_id!r} {state}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None and engine.running:
+            # Like an unclosed asyncio transport: say so, and do not leave
+            # the connection (and its task) running with nobody to stop it.
+            _warn(f"unclosed connector {self!r}; call disconnect()", ResourceWarning, source=self)
+            engine.abort()
