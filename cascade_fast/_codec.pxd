@@ -37,6 +37,8 @@ cdef class Decoder:
         object _error            # str: the ProtocolError that poisoned the stream, or None
         bint _busy               # inside feed/feed_to: re-entrancy guard
         bint _in_sink            # a sink method is running (tells its exceptions from ours)
+        bint _rest               # _tail is what followed a packet whose sink raised:
+                                 # it may hold complete packets, not just a partial one
 
     # Decode every complete packet in `data` (after the kept tail) into `sink`.
     # Error contract (except -1): a ProtocolError poisons the decoder (every

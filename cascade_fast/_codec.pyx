@@ -624,6 +624,7 @@ cdef class Decoder:
         self._error = None
         self._busy = False
         self._in_sink = False
+        self._rest = False
 
     @property
     def max_packet_size(self):
@@ -663,6 +664,16 @@ cdef class Decoder:
             except BufferError:
                 # Not C-contiguous (a strided memoryview): take its bytes.
                 data = bytes(memoryview(data))
+        if self._rest:
+            # After a sink raised, the kept bytes may hold whole packets:
+            # parse them and `data` as one buffer (rare, so a copy is fine).
+            if have_view:
+                data = PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
+                PyBuffer_Release(&view)
+                have_view = False
+            data = bytes(self._tail) + <bytes>data
+            PyByteArray_Resize(self._tail, 0)
+            self._rest = False
         if have_view:
             buf = <const unsigned char*>view.buf
             n = view.len
@@ -735,6 +746,7 @@ cdef class Decoder:
                 self._in_sink = False
                 PyByteArray_Resize(tail, n - resume)
                 memcpy(PyByteArray_AS_STRING(tail), buf + resume, n - resume)
+                self._rest = n > resume
             elif isinstance(exc, ProtocolError):
                 self._error = str(exc)
                 PyByteArray_Resize(tail, 0)

@@ -481,7 +481,7 @@ class Decoder:
     See the module docstring for the error and state rules.
     """
 
-    __slots__ = ("_tail", "_max", "_error", "_busy")
+    __slots__ = ("_tail", "_max", "_error", "_busy", "_rest")
 
     def __init__(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
         max_packet_size = _index(max_packet_size)
@@ -491,6 +491,9 @@ class Decoder:
         self._max = max_packet_size  # largest remaining length accepted
         self._error: str | None = None  # the ProtocolError that poisoned the stream
         self._busy = False  # inside feed/feed_to (re-entrancy guard)
+        # _tail is what followed a packet whose sink raised: it may hold
+        # complete packets, not just a partial one.
+        self._rest = False
 
     @property
     def max_packet_size(self) -> int:
@@ -518,6 +521,12 @@ class Decoder:
         if self._busy:
             raise RuntimeError("Decoder fed again from inside one of its own sink callbacks")
         buf = data if type(data) is bytes else bytes(memoryview(data))
+        if self._rest:
+            # After a sink raised, the kept bytes may hold whole packets:
+            # parse them and `data` as one buffer (rare, so a copy is fine).
+            buf = self._tail + buf
+            self._tail = b""
+            self._rest = False
         n = len(buf)
         max_size = self._max
         pos = 0
@@ -600,6 +609,7 @@ class Decoder:
             if resume >= 0:
                 # A sink raised: that packet is consumed, keep what follows.
                 self._tail = buf[resume:]
+                self._rest = resume < n
             elif isinstance(exc, ProtocolError):
                 self._error = str(exc)
                 self._tail = b""
