@@ -80,6 +80,15 @@ cdef int _MAX_PACKET_ID = 65535
 cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
 
 
+cdef inline _fail(fut, exc):
+    # Fail `fut` without "Future exception was never retrieved" when nobody
+    # awaits it any more (a cancelled connect or subscribe): awaiting it later
+    # still raises.
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()
+
+
 cdef class Subscription:
     """The trie value for one `subscribe()` call."""
 
@@ -774,12 +783,11 @@ cdef class MqttProtocol(PacketSink):
             err = ConnectionError("the broker closed the connection before CONNACK")
             if reason is not None:
                 err.__cause__ = reason
-            self.connack.set_exception(err)
+            _fail(self.connack, err)
         acks = self.acks
         self.acks = {}
         for fut in acks.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection lost before the acknowledgement"))
+            _fail(fut, ConnectionError("connection lost before the acknowledgement"))
         self._wake_drain()
         if not self.closed.done():
             self.closed.set_result(reason)

@@ -11,9 +11,14 @@ encoded and written there too.
 Behaviour is the connector contract shared with `PyMqttConnector`;
 implementation-specific options (keyword arguments):
 
-``max_inflight`` (100)
+``max_inflight`` (20)
     QoS 1/2 publishes awaiting acknowledgement; beyond it publish() waits
-    for a slot (MQTT 3.1.1 §4.3, §4.6).
+    for a slot (MQTT 3.1.1 §4.3, §4.6). 20 is paho's default and, more to
+    the point, Mosquitto's default ``max_inflight_messages``, which it also
+    applies to what it *receives*: past it, Mosquitto answers a QoS 1
+    PUBLISH with a PUBACK and drops the message (MQTT 5 reason 0x97 "quota
+    exceeded", invisible to a 3.1.1 client). Raise it only together with the
+    broker's limit.
 ``high_water`` (10000) / ``low_water`` (high_water // 4)
     Deliveries queued behind a suspended coroutine callback at which the
     connection stops / resumes reading from the socket, so memory stays
@@ -67,7 +72,7 @@ __all__ = ["FastMqttConnector"]
 SUBACK_FAILURE = 0x80
 
 _DEFAULTS: dict[str, Any] = {
-    "max_inflight": 100,
+    "max_inflight": 20,
     "high_water": 10_000,
     "low_water": None,
     "write_buffer_limit": 1 << 20,
