@@ -35,6 +35,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         duration=args.duration,
         qos=args.qos,
         project=args.project,
+        paced_rate=args.paced_rate,
+        paced_seconds=args.paced_seconds,
         broker=address,
         broker_kind=args.start_broker,
     )
@@ -90,16 +92,17 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"broker: {broker_desc[0]}")
 
     def on_connector_start(name: str, spec: FleetSpec) -> None:
-        started[name] = time.monotonic()
-        tasks[name] = progress.add_task(f"{name:>6} connector", total=spec.messages * spec.observers, rate="")
+        started[spec.label] = time.monotonic()
+        tasks[spec.label] = progress.add_task(f"{spec.label:<32}", total=spec.messages * spec.observers, rate="")
 
-    def on_progress(name: str, sent: int, received: int, expected: int) -> None:
-        elapsed = max(time.monotonic() - started[name], 1e-9)
-        progress.update(tasks[name], completed=received, total=expected, rate=f"{received / elapsed:>9,.0f} msgs/s")
+    def on_progress(label: str, sent: int, received: int, expected: int) -> None:
+        elapsed = max(time.monotonic() - started[label], 1e-9)
+        progress.update(tasks[label], completed=received, total=expected, rate=f"{received / elapsed:>9,.0f} msgs/s")
 
+    paced = f", then {settings.paced_rate:,.0f} msgs/s for {settings.paced_seconds:g} s" if settings.runs_paced else ""
     err.print(
-        f"bench: {settings.instances} instances, {settings.messages:,} messages per connector, "
-        f"{'flat out' if not settings.rate else f'{settings.rate:g} msgs/s'}, QoS {settings.qos}, "
+        f"bench: {settings.instances} instances, {settings.messages:,} messages per connector "
+        f"{'flat out' if not settings.rate else f'at {settings.rate:,.0f} msgs/s'}{paced}, QoS {settings.qos}; "
         f"connectors: {', '.join(connectors)} (Ctrl-C stops)"
     )
     interrupted = False
@@ -151,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qos", type=int, choices=(0, 1, 2), default=d.qos, help=f"QoS of the telemetry (default {d.qos})")
     parser.add_argument("--publisher-processes", type=_positive_int, default=d.publisher_processes, help="processes the instances are spread over (default 1: the instances are tasks in one process)")
     parser.add_argument("--observers", type=_positive_int, default=d.observers, help="observer processes, each receiving every event (default 1)")
+    parser.add_argument("--paced-rate", type=_non_negative_float, default=d.paced_rate, help=f"after the flat-out run, run each connector again at this total msgs/s for latency and CPU below saturation (default {d.paced_rate:g}; 0: no paced run; skipped when --rate is given)")
+    parser.add_argument("--paced-seconds", type=_positive_float, default=d.paced_seconds, help=f"length of the paced run, seconds (default {d.paced_seconds:g})")
     parser.add_argument("--project", default=d.project, help="Cascade project name in the topics (default %(default)s)")
     group = parser.add_argument_group("broker (default: start one on a free loopback port)")
     group.add_argument("--broker", metavar="HOST:PORT", help="use this broker instead of starting one")

@@ -169,7 +169,9 @@ class ConnectorResult:
     latency_cdf_ms: list[float]  # latency at percentiles 0, 1, ..., 100
     stats: dict[str, dict[str, int]]
     errors: list[str]
-    interrupted: bool = False
+    rate: float = 0.0  # the target total rate of this run (0: flat out)
+    #: The same connector's second run, paced below saturation, for latency and CPU at a steady rate.
+    paced: "ConnectorResult | None" = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,7 +184,7 @@ def aggregate(
     instances: int,
     publish_elapsed_s: float,
     broker_cpu_s: float | None,
-    interrupted: bool = False,
+    rate: float = 0.0,
 ) -> ConnectorResult:
     """Combine every process report of one connector's run into its figures."""
     reports = list(reports)
@@ -246,7 +248,7 @@ def aggregate(
         latency_cdf_ms=[percentile(lat_ms, q) for q in range(0, 101)] if lat_ms else [],
         stats={f"{r.role}-{r.index}": r.stats for r in reports},
         errors=[f"{r.role}-{r.index}: {r.error}" for r in reports if r.error],
-        interrupted=interrupted,
+        rate=rate,
     )
 
 
@@ -278,11 +280,16 @@ def flat_figures(result: ConnectorResult) -> dict[str, float]:
 def ratios(fast: ConnectorResult, python: ConnectorResult) -> dict[str, float]:
     """fast / python for every figure of `RATIO_KEYS` (NaN where python's is 0 or missing)."""
     f, p = flat_figures(fast), flat_figures(python)
-    out = {}
-    for key in RATIO_KEYS:
-        a, b = f[key], p[key]
-        out[key] = a / b if b and not math.isnan(b) and not math.isnan(a) else math.nan
-    return out
+    if fast.paced is not None and python.paced is not None:
+        for key, value in flat_figures(fast.paced).items():
+            f[f"paced_{key}"] = value
+        for key, value in flat_figures(python.paced).items():
+            p[f"paced_{key}"] = value
+    return {key: _div(f[key], p[key]) for key in f if key in p}
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) and not math.isnan(a) else math.nan
 
 
 def now_ns() -> int:

@@ -32,7 +32,17 @@ def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
         "Each connector runs the same workload in fresh processes, one after the other, as publisher and as observer.",
         f"Broker: {broker_desc}. The broker, the publishers and the observer share this machine's {cores} cores: "
         "the figures are for the whole pipeline on one host, not the connector alone.",
-        "Delivered msgs/s: telemetry messages the observers received, over the time from first to last receipt.",
+        "Delivered msgs/s: telemetry messages the observers received, over the time from first to last receipt. "
+        "Flat out, the publishers outrun the observer and messages queue (in the broker, the sockets and the "
+        "client), so that run's latency is mostly queueing: how far behind the observer falls.",
+        *(
+            [
+                f"Paced run: each connector again at {settings.paced_rate:,.0f} msgs/s in total for "
+                f"{settings.paced_seconds:g} s, below what either saturates at: latency and CPU at a steady load."
+            ]
+            if settings.runs_paced
+            else []
+        ),
         "Lost: sent but never received, counted by sequence number per source.",
         "Latency: publisher's send time (in the event body) to the observer's callback, same monotonic clock.",
         "CPU s/100k: user+system CPU of the client processes from the start signal to the end of their work, "
@@ -58,6 +68,7 @@ def document(
             "platform": platform.platform(),
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),
+            "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "broker": broker_desc,
         "settings": {
@@ -70,6 +81,8 @@ def document(
             "duration": settings.duration,
             "qos": settings.qos,
             "project": settings.project,
+            "paced_rate": settings.paced_rate if settings.runs_paced else 0,
+            "paced_seconds": settings.paced_seconds,
         },
         "results": {name: r.to_dict() for name, r in results.items()},
         "ratio_fast_over_python": ratio,
@@ -93,22 +106,45 @@ def _clean(value: Any) -> Any:
     return value
 
 
-# (label, getter, format, better) for every row of the table.
-_ROWS = [
+def _paced(get: Any) -> Any:
+    return lambda r: get(r.paced) if r.paced is not None else None
+
+
+_L = lambda key: (lambda r: r.latency_ms[key])  # noqa: E731
+
+# (label, getter, format, better) per row; a None row starts a section.
+_MAIN_ROWS = [
     ("delivered msgs/s", lambda r: r.throughput, "{:,.0f}", "higher"),
     ("messages sent", lambda r: r.sent, "{:,}", None),
     ("messages delivered", lambda r: r.delivered, "{:,}", None),
     ("messages lost", lambda r: r.lost, "{:,}", "lower"),
-    ("latency p50 (ms)", lambda r: r.latency_ms["p50"], "{:,.2f}", "lower"),
-    ("latency p99 (ms)", lambda r: r.latency_ms["p99"], "{:,.2f}", "lower"),
-    ("latency max (ms)", lambda r: r.latency_ms["max"], "{:,.2f}", "lower"),
+    ("latency p50 (ms)", _L("p50"), "{:,.2f}", "lower"),
+    ("latency p99 (ms)", _L("p99"), "{:,.2f}", "lower"),
+    ("latency max (ms)", _L("max"), "{:,.2f}", "lower"),
     ("observer CPU s / 100k msgs", lambda r: r.observer_cpu_per_100k, "{:,.2f}", "lower"),
     ("publisher CPU s / 100k msgs", lambda r: r.publisher_cpu_per_100k, "{:,.2f}", "lower"),
-    ("client CPU s / 100k msgs", lambda r: r.client_cpu_per_100k, "{:,.2f}", "lower"),
     ("observer peak RSS (MB)", lambda r: r.observer_peak_rss_mb, "{:,.1f}", "lower"),
     ("publisher peak RSS (MB)", lambda r: r.publisher_peak_rss_mb, "{:,.1f}", "lower"),
     ("broker CPU s", lambda r: r.broker_cpu_s, "{:,.2f}", None),
 ]
+_PACED_ROWS = [
+    ("delivered msgs/s", _paced(lambda r: r.throughput), "{:,.0f}", None),
+    ("messages lost", _paced(lambda r: r.lost), "{:,}", "lower"),
+    ("latency p50 (ms)", _paced(_L("p50")), "{:,.2f}", "lower"),
+    ("latency p99 (ms)", _paced(_L("p99")), "{:,.2f}", "lower"),
+    ("latency max (ms)", _paced(_L("max")), "{:,.2f}", "lower"),
+    ("observer CPU s / 100k msgs", _paced(lambda r: r.observer_cpu_per_100k), "{:,.2f}", "lower"),
+    ("publisher CPU s / 100k msgs", _paced(lambda r: r.publisher_cpu_per_100k), "{:,.2f}", "lower"),
+]
+
+
+def _sections(results: dict[str, ConnectorResult]) -> list[tuple[str, list]]:
+    first = next(iter(results.values()))
+    main = "flat out" if not first.rate else f"at {first.rate:,.0f} msgs/s"
+    sections = [(main, _MAIN_ROWS)]
+    if first.paced is not None:
+        sections.append((f"paced at {first.paced.rate:,.0f} msgs/s", _PACED_ROWS))
+    return sections
 
 
 def _fmt(fmt: str, value: Any) -> str:
@@ -118,7 +154,7 @@ def _fmt(fmt: str, value: Any) -> str:
 
 
 def table(results: dict[str, ConnectorResult], title: str) -> Any:
-    """A rich Table: one row per figure, one column per connector, and fast/python."""
+    """A rich Table: one row per figure, one column per connector, and fast/python; one section per run."""
     from .deps import require
 
     rich_table = require("rich.table", purpose="for the results table")
@@ -130,12 +166,14 @@ def table(results: dict[str, ConnectorResult], title: str) -> Any:
         t.add_column(name, justify="right")
     if both:
         t.add_column("fast/python", justify="right")
-    for label, get, fmt, better in _ROWS:
-        values = [get(results[n]) for n in names]
-        row = [label, *(_fmt(fmt, v) for v in values)]
-        if both:
-            row.append(_ratio_cell(values[1], values[0], better))
-        t.add_row(*row)
+    for section, rows in _sections(results):
+        t.add_row(f"[bold]{section}[/bold]", *([""] * (len(names) + both)))
+        for i, (label, get, fmt, better) in enumerate(rows):
+            values = [get(results[n]) for n in names]
+            row = [f"  {label}", *(_fmt(fmt, v) for v in values)]
+            if both:
+                row.append(_ratio_cell(values[1], values[0], better))
+            t.add_row(*row, end_section=i == len(rows) - 1)
     return t
 
 
@@ -159,15 +197,17 @@ def plain_table(results: dict[str, ConnectorResult]) -> str:
     both = len(names) == 2
     header = ["figure", *names] + (["fast/python"] if both else [])
     rows = [header]
-    for label, get, fmt, better in _ROWS:
-        values = [get(results[n]) for n in names]
-        row = [label, *(_fmt(fmt, v) for v in values)]
-        if both:
-            cell = _ratio_cell(values[1], values[0], better)
-            for color in ("green", "red"):
-                cell = cell.replace(f"[{color}]", "").replace(f"[/{color}]", "")
-            row.append(cell)
-        rows.append(row)
+    for section, section_rows in _sections(results):
+        rows.append([section] + [""] * (len(header) - 1))
+        for label, get, fmt, better in section_rows:
+            values = [get(results[n]) for n in names]
+            row = [f"  {label}", *(_fmt(fmt, v) for v in values)]
+            if both:
+                cell = _ratio_cell(values[1], values[0], better)
+                for color in ("green", "red"):
+                    cell = cell.replace(f"[{color}]", "").replace(f"[/{color}]", "")
+                row.append(cell)
+            rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = []
     for j, row in enumerate(rows):

@@ -21,7 +21,7 @@ import queue
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .broker import Broker, BrokerAddress, start_broker
@@ -37,7 +37,7 @@ REPORT_TIMEOUT_S = 20.0
 #: How often the bench reads the progress counters.
 TICK_S = 0.1
 
-Progress = Callable[[str, int, int, int], None]  # (connector, sent, received, expected)
+Progress = Callable[[str, int, int, int], None]  # (run label, sent, received, expected)
 
 
 class BenchInterrupted(Exception):
@@ -65,9 +65,28 @@ class BenchSettings:
     duration: float = 20.0
     qos: int = 0
     project: str = "bench"
+    #: Second run per connector, paced at this total rate (0: none; also none when `rate` is set).
+    paced_rate: float = 5_000.0
+    paced_seconds: float = 4.0
     broker: BrokerAddress | None = None  # None: start one
     broker_kind: str = "auto"  # which to start: auto | mosquitto | amqtt
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def runs_paced(self) -> bool:
+        return self.rate == 0 and self.paced_rate > 0
+
+    def paced_spec(self, connector: str, address: BrokerAddress, tag: str) -> FleetSpec:
+        """The paced run: `paced_rate` msgs/s for `paced_seconds`, otherwise the same workload."""
+        spec = self.spec(connector, address, tag)
+        messages = max(spec.instances, int(self.paced_rate * self.paced_seconds))
+        return replace(
+            spec,
+            rate=self.paced_rate,
+            messages=messages,
+            duration=self.paced_seconds * 2 + 5,
+            phase=f"paced at {self.paced_rate:,.0f} msgs/s",
+        )
 
     def spec(self, connector: str, address: BrokerAddress, tag: str) -> FleetSpec:
         return FleetSpec(
@@ -82,6 +101,7 @@ class BenchSettings:
             qos=self.qos,
             project=self.project,
             tag=tag,
+            phase="flat out" if not self.rate else f"at {self.rate:,.0f} msgs/s",
         )
 
 
@@ -168,8 +188,15 @@ def run_bench(
                 spec = settings.spec(name, broker.address, tag)
                 on_connector_start(name, spec)
                 result = _run_one(ctx, spec, cpu, sigint, on_progress)
-                if result is not None:
-                    results[name] = result
+                if result is None:
+                    break
+                if settings.runs_paced:
+                    spec = settings.paced_spec(name, broker.address, tag)
+                    on_connector_start(name, spec)
+                    result.paced = _run_one(ctx, spec, cpu, sigint, on_progress)
+                    if result.paced is None:
+                        break
+                results[name] = result
         finally:
             broker.stop()
         if sigint.raised:
@@ -212,7 +239,7 @@ def _run_one(ctx: Any, spec: FleetSpec, cpu: _CpuProbe, sigint: _SigintFlag, on_
     errors = [r for r in reports if r.error]
     if len(reports) < len(procs) or errors:
         detail = "; ".join(f"{r.role}-{r.index}: {r.error}" for r in errors) or "a client process did not report"
-        raise BenchError(f"the {spec.connector} run failed: {detail}")
+        raise BenchError(f"the {spec.label} run failed: {detail}")
     broker_cpu = broker_cpu1 - broker_cpu0 if broker_cpu0 is not None and broker_cpu1 is not None else None
     return aggregate(
         spec.connector,
@@ -220,6 +247,7 @@ def _run_one(ctx: Any, spec: FleetSpec, cpu: _CpuProbe, sigint: _SigintFlag, on_
         instances=spec.instances,
         publish_elapsed_s=publish_elapsed,
         broker_cpu_s=broker_cpu,
+        rate=spec.rate,
     )
 
 
@@ -230,7 +258,7 @@ def _wait_ready(ctl: Control, procs: list, spec: FleetSpec, sigint: _SigintFlag,
         if sigint.raised:
             return
         if time.monotonic() > deadline:
-            raise BenchError(f"the {spec.connector} clients did not connect within {READY_TIMEOUT_S:.0f} s")
+            raise BenchError(f"the {spec.label} clients did not connect within {READY_TIMEOUT_S:.0f} s")
         try:
             item = ctl.results.get(timeout=TICK_S)
         except queue.Empty:
@@ -240,7 +268,7 @@ def _wait_ready(ctl: Control, procs: list, spec: FleetSpec, sigint: _SigintFlag,
             continue
         if isinstance(item, ProcessReport):  # failed before it was ready
             reports.append(item)
-            raise BenchError(f"the {spec.connector} run failed: {item.role}-{item.index}: {item.error}")
+            raise BenchError(f"the {spec.label} run failed: {item.role}-{item.index}: {item.error}")
         ready += 1
 
 
@@ -273,7 +301,7 @@ def _watch_run(
             sent_total = sum(r.messages for r in pub_reports)
             publish_elapsed = max(r.elapsed_s for r in pub_reports)
         expected = (sent_total if sent_total is not None else spec.messages) * spec.observers
-        on_progress(spec.connector, sent_total if sent_total is not None else sent, received, expected)
+        on_progress(spec.label, sent_total if sent_total is not None else sent, received, expected)
         now = time.monotonic()
         if received != last_received:
             last_received, last_change = received, now
