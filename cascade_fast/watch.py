@@ -50,17 +50,20 @@ class InstanceRow:
     samples: deque = field(default_factory=lambda: deque(maxlen=64))
 
     def rate(self, now: float, window: float = RATE_WINDOW_S) -> float:
-        """Events/s over the trailing `window` (from the samples `FleetView.tick` takes)."""
+        """Events/s between the rate samples `FleetView.tick` took in the trailing `window` (0 before two)."""
         samples = self.samples
-        if not samples:
+        if len(samples) < 2:
             return 0.0
+        new_t, new_n = samples[-1]
         old_t, old_n = samples[0]
         for t, n in samples:
-            if now - t <= window:
+            if new_t - t <= window:
+                old_t, old_n = t, n
                 break
-            old_t, old_n = t, n
-        dt = now - old_t
-        return (self.events - old_n) / dt if dt > 0 else 0.0
+        if new_t - old_t <= 0:
+            old_t, old_n = samples[-2]
+        dt = new_t - old_t
+        return (new_n - old_n) / dt if dt > 0 else 0.0
 
 
 class FleetView:
