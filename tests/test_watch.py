@@ -25,6 +25,23 @@ from cascade_fast.watch import FleetView, render_plain, summary_line
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
 
 
+def _fast_usable() -> bool:
+    """True when FastMqttConnector imports (compiled core loaded)."""
+    try:
+        import cascade_fast
+
+        cascade_fast.FastMqttConnector
+    except ImportError:
+        return False
+    return True
+
+
+CONNECTORS = [
+    pytest.param("python", "PyMqttConnector", id="python"),
+    pytest.param("fast", "FastMqttConnector", id="fast", marks=pytest.mark.skipif(not _fast_usable(), reason="compiled core not loaded")),
+]
+
+
 class FakeClock:
     """A settable clock for FleetView's wall and monotonic time."""
 
@@ -148,9 +165,13 @@ def row_status(block: str, source: str) -> str | None:
 
 
 @needs_mosquitto
-def test_watch_shows_a_killed_instance_go_offline_by_its_last_will():
-    """3 instances online with telemetry; SIGKILL one: the watcher shows it offline, the others online."""
-    env = dict(os.environ, CASCADE_CONNECTOR="python")
+@pytest.mark.parametrize("connector, class_name", CONNECTORS)
+def test_watch_shows_a_killed_instance_go_offline_by_its_last_will(connector, class_name):
+    """3 instances online with telemetry; SIGKILL one: the watcher shows it offline, the others online.
+
+    CASCADE_CONNECTOR picks the implementation for the fleet and the watcher alike.
+    """
+    env = dict(os.environ, CASCADE_CONNECTOR=connector)
     procs: list[subprocess.Popen] = []
     with start_mosquitto() as broker:
         target = f"127.0.0.1:{broker.address.port}"
@@ -177,7 +198,7 @@ def test_watch_shows_a_killed_instance_go_offline_by_its_last_will():
                 )
 
             assert reader.wait_for(all_online_with_telemetry, 30), reader.text[-2000:]
-            assert "connector PyMqttConnector" in reader.last_block()
+            assert f"connector {class_name}" in reader.last_block()
 
             procs[0].send_signal(signal.SIGKILL)  # no clean shutdown: only the Last Will can tell
             procs[0].wait(10)
