@@ -576,6 +576,10 @@ async def _supervise(ref: weakref.ReferenceType, proto: AsyncioMqttProtocol) -> 
                     exc,
                 )
                 continue
+            if not conn._running:
+                # disconnect() ran meanwhile; on Python < 3.12 its cancel can be
+                # swallowed by wait_for() when _open() finished at the same moment.
+                return
             conn._reconnects += 1
             conn._backoff.reset()
             logger.info("reconnected to the MQTT broker at %s:%s", conn._hostname, conn._port)
