@@ -31,7 +31,7 @@ from .measure import ConnectorResult, ProcessReport, aggregate
 #: How long clients get to connect and subscribe before the run is abandoned.
 READY_TIMEOUT_S = 30.0
 #: After the publishers finished: how long the observers may go without a new message before the run ends.
-DRAIN_IDLE_S = 2.0
+DRAIN_IDLE_S = 3.0
 #: How long processes get to hand in their reports once stopped.
 REPORT_TIMEOUT_S = 20.0
 #: How often the bench reads the progress counters.
