@@ -8,6 +8,7 @@ the figures are there and consistent.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -30,6 +31,10 @@ from cascade_fast.bench.deps import MissingExtraError, require
 from cascade_fast.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
+needs_bench_extra = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("rich", "matplotlib", "psutil")),
+    reason="needs the [bench] extra (rich, matplotlib, psutil): pip install '.[bench]'",
+)
 
 
 def _fast_usable() -> bool:
@@ -76,6 +81,7 @@ def port_is_closed(port: int) -> bool:
 
 
 @needs_mosquitto
+@needs_bench_extra
 def test_bench_python_writes_consistent_json_and_a_png(tmp_path):
     """A tiny python-only bench: every message delivered, figures present, chart is a PNG."""
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -116,6 +122,7 @@ def test_bench_python_writes_consistent_json_and_a_png(tmp_path):
 
 @needs_mosquitto
 @needs_fast
+@needs_bench_extra
 def test_bench_both_connectors_reports_the_ratio(tmp_path):
     """--connector both runs python then fast on the same workload and reports fast/python."""
     out_json = tmp_path / "bench.json"
@@ -138,6 +145,7 @@ def test_bench_both_connectors_reports_the_ratio(tmp_path):
 
 
 @needs_mosquitto
+@needs_bench_extra
 def test_bench_uses_a_given_broker_and_leaves_it_running(tmp_path):
     """--broker HOST:PORT: no broker is started, and the given one is not stopped."""
     with start_mosquitto() as broker:
@@ -156,6 +164,7 @@ def test_bench_uses_a_given_broker_and_leaves_it_running(tmp_path):
         assert not port_is_closed(broker.address.port)
 
 
+@needs_bench_extra
 def test_bench_amqtt_fallback_broker(tmp_path):
     """--start-broker amqtt: the pure-Python broker from the [embedded] extra carries the bench."""
     pytest.importorskip("amqtt")
@@ -171,6 +180,7 @@ def test_bench_amqtt_fallback_broker(tmp_path):
 
 
 @needs_mosquitto
+@needs_bench_extra
 def test_sigint_stops_the_bench_and_tears_down_its_broker():
     """Ctrl-C mid-run: exit 130, every child (clients, broker) gone, the broker's port closed."""
     psutil = pytest.importorskip("psutil")
