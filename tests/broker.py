@@ -64,6 +64,9 @@ class Mosquitto:
         self._extra_config = extra_config
         self._acl = acl
         self._dir = Path(tempfile.mkdtemp(prefix="cascade-mosquitto-"))
+        # Started as root, mosquitto drops to the `mosquitto` user before it
+        # reads the ACL file: the directory and files must be readable to it.
+        self._dir.chmod(0o755)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = None
 
@@ -96,6 +99,7 @@ class Mosquitto:
         if self._acl is not None:
             acl_path = self._dir / "acl"
             acl_path.write_text(self._acl)
+            acl_path.chmod(0o644)
             lines.append(f"acl_file {acl_path}")
         # Later lines win in mosquitto.conf, so extra_config can override.
         lines.extend(line.strip() for line in self._extra_config.splitlines() if line.strip())

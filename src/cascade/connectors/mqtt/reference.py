@@ -23,6 +23,8 @@ around it; each workaround says why at the place it is made:
 - aiomqtt reports every connect failure as `MqttError(str(exc))` raised
   ``from None``; the original `OSError` is still in ``__context__`` and is
   re-raised so callers can catch `ConnectionError`/`OSError`/`TimeoutError`.
+- aiomqtt registers the socket writer from a deferred callback, which fails
+  with EBADF when the connection dropped meanwhile; ours checks first.
 - A CONNACK that never comes leaves aiomqtt's socket open, and a client whose
   connection was lost keeps a `_connected` future that is already done (so
   re-entering it would not wait for the next CONNACK); a fresh
@@ -99,6 +101,12 @@ _DISCONNECT_FLUSH_TIMEOUT = 5.0
 _DEFAULT_FLUSH_TIMEOUT = 30.0
 #: SUBACK codes at or above this are failures (MQTT 3.1.1 §3.9.3: 0x80).
 _SUBACK_FAILURE = 0x80
+
+
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    """Done callback: read the outcome, so an unread exception is never logged."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _suback_code(code: Any) -> int:
@@ -356,10 +364,50 @@ class _Engine:
             on_confirmed(mid)
 
         inner.on_publish = on_publish
+        inner.on_socket_register_write = self._guarded_register_write(client)
         return client
+
+    @staticmethod
+    def _guarded_register_write(client: aiomqtt.Client) -> Any:
+        """paho's on_socket_register_write, as aiomqtt's but safe against a socket closed meanwhile.
+
+        aiomqtt defers ``loop.add_writer(fd)`` with call_soon_threadsafe
+        (paho may call from the executor thread that connects). When the
+        connection drops before the deferred call runs, add_writer hits a
+        closed (or, worse, reused) file descriptor and the loop's exception
+        handler reports EBADF. The deferred call here first checks that the
+        socket is still the client's and still has bytes to write.
+        """
+        loop = client._loop
+
+        def register_write(paho_client: paho.Client, userdata: Any, sock: Any) -> None:
+            def on_writable() -> None:
+                # As aiomqtt: a write error means the connection broke.
+                try:
+                    paho_client.loop_write()
+                except Exception as exc:
+                    if not client._disconnected.done():
+                        client._disconnected.set_exception(exc)
+
+            def register() -> None:
+                # Closed meanwhile: nothing to do. Written meanwhile (paho
+                # then unregistered already): a writer added now would spin.
+                if paho_client.socket() is sock and paho_client.want_write():
+                    loop.add_writer(sock.fileno(), on_writable)
+
+            loop.call_soon_threadsafe(register)
+
+        return register_write
 
     async def _open(self, client: aiomqtt.Client) -> None:
         """Connect `client`, turning aiomqtt's errors into the contract's exceptions."""
+        # aiomqtt keeps the reason of a connection loss in `_disconnected`
+        # and only its message iterator reads it; a loss between CONNACK and
+        # the end of __aenter__ is even dropped by replacing the future. Mark
+        # every such future retrieved, so asyncio never logs "Future
+        # exception was never retrieved" for a loss we handle anyway.
+        original = client._disconnected
+        original.add_done_callback(_mark_retrieved)
         try:
             await client.__aenter__()
         except MqttConnectError as exc:
@@ -383,6 +431,14 @@ class _Engine:
                     f"no CONNACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s"
                 ) from None
             raise ConnectionError(f"cannot connect to {self.hostname}:{self.port}: {exc}") from None
+        if client._disconnected is not original:
+            client._disconnected.add_done_callback(_mark_retrieved)
+        if not client._client.is_connected():
+            # Lost between CONNACK and here (a session takeover, say): aiomqtt
+            # forgot the loss, and its message iterator would wait forever on
+            # a connection that is gone. Count it as a failed attempt.
+            self._close_hard(client)
+            raise ConnectionError(f"connection to {self.hostname}:{self.port} lost right after CONNACK")
 
     async def _on_connack(self, client: aiomqtt.Client) -> None:
         """After every CONNACK: announce presence, then re-subscribe every registered filter."""
@@ -446,12 +502,6 @@ class _Engine:
         except (MqttError, OSError, asyncio.TimeoutError) as exc:
             logger.debug("graceful disconnect from %s:%d failed: %s", self.hostname, self.port, exc)
         finally:
-            disconnected = client._disconnected
-            if disconnected.done() and not disconnected.cancelled():
-                # aiomqtt stores the loss reason in this future and only its
-                # message iterator reads it; read it so asyncio never logs
-                # "Future exception was never retrieved".
-                disconnected.exception()
             self._close_hard(client)
             misc = client._misc_task
             if misc is not None and not misc.done():
