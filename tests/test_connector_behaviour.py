@@ -339,6 +339,26 @@ async def test_coroutine_callbacks_run_in_strict_order(connector_factory):
     assert delta(before, connector.stats(), "dispatched") == 15
 
 
+async def test_disconnect_does_not_wait_for_a_stuck_coroutine_callback(connector_factory):
+    """Deliveries behind a suspended coroutine callback show in queue_depth; disconnect() still ends promptly."""
+    topic = unique("stuck")
+    connector = connector_factory()
+    await connector.connect()
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def stuck(topic: str, data: object) -> None:
+        started.set()
+        await never.wait()
+
+    await connector.subscribe(topic, stuck)
+    for n in range(4):
+        await connector.publish(topic, {"n": n}, qos=1)
+    await asyncio.wait_for(started.wait(), 10)
+    await eventually(lambda: connector.stats()["queue_depth"] >= 1, what="queue_depth >= 1 behind the stuck callback")
+    await asyncio.wait_for(connector.disconnect(), 10)
+    assert connector.stats()["connected"] == 0
+
+
 # ---------------------------------------------------------------- unsubscribe
 
 

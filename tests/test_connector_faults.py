@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 
 import pytest
@@ -28,15 +29,21 @@ async def test_connect_to_a_closed_port_raises_promptly(connector_factory):
         assert connector.stats()["connected"] == 0
 
 
-async def test_connack_refusal_raises_connect_refused_error(connector_factory):
-    """A non-zero CONNACK (anonymous client, anonymous access off) is ConnectRefusedError with the 3.1.1 code."""
+async def test_connack_refusal_raises_connect_refused_error(connector_factory, caplog):
+    """A non-zero CONNACK is ConnectRefusedError with the 3.1.1 return code; the password appears nowhere."""
+    password = f"pw-{secrets.token_hex(8)}"
     with Mosquitto(extra_config="allow_anonymous false") as refusing:
-        connector = connector_factory(refusing)
-        with pytest.raises(ConnectRefusedError) as excinfo:
-            await asyncio.wait_for(connector.connect(), 5)
-        assert excinfo.value.return_code == 5  # "not authorized" (MQTT 3.1.1 §3.2.2.3)
+        connector = connector_factory(refusing, username="cascade", password=password)
+        with caplog.at_level(logging.DEBUG):
+            with pytest.raises(ConnectRefusedError) as excinfo:
+                await asyncio.wait_for(connector.connect(), 5)
+        # No password file: Mosquitto refuses every client as not authorised.
+        assert excinfo.value.return_code == 5  # MQTT 3.1.1 §3.2.2.3
         assert isinstance(excinfo.value, ConnectionError)
         assert connector.stats()["connected"] == 0
+    # Never log (or raise) the password.
+    assert password not in str(excinfo.value) and password not in repr(connector)
+    assert not [r for r in caplog.records if password in r.getMessage()]
 
 
 async def test_connect_times_out_when_the_broker_never_answers(connector_factory, private_broker):
