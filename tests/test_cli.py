@@ -165,6 +165,18 @@ def test_bench_uses_a_given_broker_and_leaves_it_running(tmp_path):
 
 
 @needs_bench_extra
+def test_bench_unreachable_broker_fails_with_its_address():
+    """--broker where nothing listens: exit 1 naming the address, no traceback, nothing run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        port = s.getsockname()[1]
+        result = run_cli("bench", "--connector", "python", "--broker", f"127.0.0.1:{port}", timeout=30)
+    assert result.returncode == 1
+    assert f"cannot reach the broker at 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@needs_bench_extra
 def test_bench_amqtt_fallback_broker(tmp_path):
     """--start-broker amqtt: the pure-Python broker from the [embedded] extra carries the bench."""
     pytest.importorskip("amqtt")

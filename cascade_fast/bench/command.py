@@ -12,7 +12,7 @@ import shlex
 import time
 from typing import Any
 
-from .broker import Broker, BrokerAddress
+from .broker import Broker, BrokerAddress, BrokerError
 from .deps import require
 from .fleet import FleetSpec
 from .runner import BenchError, BenchInterrupted, BenchSettings, available_connectors, run_bench
@@ -106,18 +106,25 @@ def run(args: argparse.Namespace) -> int:
         f"connectors: {', '.join(connectors)} (Ctrl-C stops)"
     )
     interrupted = False
+    failures: dict[str, str] = {}
     try:
         with progress:
             _broker, results = run_bench(
-                settings, on_broker=on_broker, on_progress=on_progress, on_connector_start=on_connector_start
+                settings,
+                on_broker=on_broker,
+                on_progress=on_progress,
+                on_connector_start=on_connector_start,
+                failures=failures,
             )
     except BenchInterrupted as exc:
         interrupted = True
         results = exc.results
         err.print("[yellow]interrupted: clients stopped, broker torn down[/yellow]")
-    except BenchError as exc:
+    except (BenchError, BrokerError) as exc:  # the broker could not be started or reached
         err.print(f"[red]bench failed:[/red] {exc}")
         return 1
+    for message in failures.values():
+        err.print(f"[red]bench failed:[/red] {message}")
     if not results:
         return 130 if interrupted else 1
 
@@ -128,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     for note in report.what_is_measured(settings, broker_desc[0]):
         out.print(f"[dim]- {note}[/dim]")
     if args.json:
-        report.write_json(args.json, report.document(settings, broker_desc[0], results, skipped=skipped, command=command))
+        doc = report.document(settings, broker_desc[0], results, skipped=skipped, command=command, failed=failures)
+        report.write_json(args.json, doc)
         err.print(f"raw figures: {args.json}")
     if args.plot:
         from .plot import plot
@@ -140,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             f"{broker_kind[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
         )
         err.print(f"chart: {args.plot}")
-    return 130 if interrupted else 0
+    return 130 if interrupted else (1 if failures else 0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

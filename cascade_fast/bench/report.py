@@ -57,6 +57,7 @@ def document(
     *,
     skipped: dict[str, str] | None = None,
     command: str | None = None,
+    failed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON document `--json` writes (NaN figures become null)."""
     ratio = ratios(results["fast"], results["python"]) if {"fast", "python"} <= results.keys() else None
@@ -87,6 +88,7 @@ def document(
         "results": {name: r.to_dict() for name, r in results.items()},
         "ratio_fast_over_python": ratio,
         "skipped": skipped or {},
+        "failed": failed or {},
         "notes": what_is_measured(settings, broker_desc),
     }
     return _clean(doc)

@@ -19,12 +19,13 @@ import multiprocessing
 import os
 import queue
 import signal
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from .broker import Broker, BrokerAddress, start_broker
+from .broker import Broker, BrokerAddress, BrokerError, start_broker
 from .fleet import Control, FleetSpec, connector_class, observer_main, publisher_main
 from .measure import ConnectorResult, ProcessReport, aggregate
 
@@ -165,17 +166,22 @@ def run_bench(
     on_broker: Callable[[Broker], None] = lambda broker: None,
     on_progress: Progress = lambda *a: None,
     on_connector_start: Callable[[str, FleetSpec], None] = lambda name, spec: None,
+    failures: dict[str, str] | None = None,
 ) -> tuple[Broker, dict[str, ConnectorResult]]:
     """Run every connector of `settings` in turn; returns the broker used and the results by connector.
 
-    Raises `BenchInterrupted` on Ctrl-C, after teardown. The broker the bench
+    A connector whose run fails (`BenchError`) is left out of the results
+    and its error put in `failures`; the others still run. Raises
+    `BenchInterrupted` on Ctrl-C, after teardown. The broker the bench
     started is stopped before this returns or raises.
     """
+    failures = {} if failures is None else failures
     tag = uuid.uuid4().hex[:6]
     ctx = multiprocessing.get_context("spawn")
     results: dict[str, ConnectorResult] = {}
     with _SigintFlag() as sigint:
         if settings.broker is not None:
+            _check_reachable(settings.broker)
             broker = Broker(settings.broker, "external")
         else:
             broker = start_broker(settings.broker_kind)
@@ -185,23 +191,36 @@ def run_bench(
             for name in settings.connectors:
                 if sigint.raised:
                     break
-                spec = settings.spec(name, broker.address, tag)
-                on_connector_start(name, spec)
-                result = _run_one(ctx, spec, cpu, sigint, on_progress)
-                if result is None:
-                    break
-                if settings.runs_paced:
-                    spec = settings.paced_spec(name, broker.address, tag)
+                try:
+                    spec = settings.spec(name, broker.address, tag)
                     on_connector_start(name, spec)
-                    result.paced = _run_one(ctx, spec, cpu, sigint, on_progress)
-                    if result.paced is None:
+                    result = _run_one(ctx, spec, cpu, sigint, on_progress)
+                    if result is None:
                         break
+                    if settings.runs_paced:
+                        spec = settings.paced_spec(name, broker.address, tag)
+                        on_connector_start(name, spec)
+                        result.paced = _run_one(ctx, spec, cpu, sigint, on_progress)
+                        if result.paced is None:
+                            break
+                except BenchError as exc:
+                    failures[name] = str(exc)
+                    continue
                 results[name] = result
         finally:
             broker.stop()
         if sigint.raised:
             raise BenchInterrupted(results)
     return broker, results
+
+
+def _check_reachable(address: BrokerAddress, timeout: float = 5.0) -> None:
+    """Fail early, with the address, when nothing accepts connections there."""
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise BrokerError(f"cannot reach the broker at {address}: {exc}") from None
 
 
 def _run_one(ctx: Any, spec: FleetSpec, cpu: _CpuProbe, sigint: _SigintFlag, on_progress: Progress) -> ConnectorResult | None:
