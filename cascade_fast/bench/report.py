@@ -38,7 +38,8 @@ def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
         *(
             [
                 f"Paced run: each connector again at {settings.paced_rate:,.0f} msgs/s in total for "
-                f"{settings.paced_seconds:g} s, below what either saturates at: latency and CPU at a steady load."
+                f"{settings.paced_seconds:g} s: latency and CPU at a steady load. A connector that cannot "
+                "sustain that rate delivers fewer msgs/s than asked and its latency grows: it is saturated."
             ]
             if settings.runs_paced
             else []
@@ -189,7 +190,7 @@ def _ratio_cell(fast: Any, python: Any, better: str | None) -> str:
     ratio = fast / python
     good = ratio > 1 if better == "higher" else ratio < 1
     color = "green" if good else ("red" if ratio != 1 else "")
-    text = f"{ratio:.2f}x"
+    text = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
     return f"[{color}]{text}[/{color}]" if color else text
 
 
