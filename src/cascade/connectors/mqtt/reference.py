@@ -870,7 +870,8 @@ class PyMqttConnector:
         as an empty payload (which clears a retained message). An invalid
         topic or QoS is a `ValueError`, an unsupported payload a `TypeError`;
         network trouble is never raised: it is counted (``dropped`` when not
-        connected, ``publish_errors`` when sending fails) and logged.
+        connected, ``publish_errors`` when sending fails) and logged. It
+        waits only for backpressure: while 1000 publishes are unconfirmed.
         """
         await self._engine.publish(topic, payload, qos, retain)
 
