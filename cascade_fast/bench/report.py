@@ -47,7 +47,10 @@ def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
         "Lost: sent but never received, counted by sequence number per source.",
         "Latency: publisher's send time (in the event body) to the observer's callback, same monotonic clock.",
         "CPU s/100k: user+system CPU of the client processes from the start signal to the end of their work, "
-        "per 100,000 messages (observer: received; publishers: sent). Peak RSS: the largest process of each side.",
+        "per 100,000 messages (observer: received; publishers: sent). It includes the bench's own per-message "
+        "work, the same for both connectors (building each event dict; the observer's sequence and latency "
+        "bookkeeping), so it understates the connectors' difference. Peak RSS: the largest process of each side "
+        "(VmHWM).",
     ]
 
 
