@@ -92,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"broker: {broker_desc[0]}")
 
     def on_connector_start(name: str, spec: FleetSpec) -> None:
-        started[spec.label] = time.monotonic()
-        tasks[spec.label] = progress.add_task(f"{spec.label:<32}", total=spec.messages * spec.observers, rate="")
+        tasks[spec.label] = progress.add_task(spec.label, total=spec.messages * spec.observers, rate="")
 
     def on_progress(label: str, sent: int, received: int, expected: int) -> None:
-        elapsed = max(time.monotonic() - started[label], 1e-9)
+        # The first report comes right after the start signal: the rate excludes connecting.
+        elapsed = max(time.monotonic() - started.setdefault(label, time.monotonic()), 1e-3)
         progress.update(tasks[label], completed=received, total=expected, rate=f"{received / elapsed:>9,.0f} msgs/s")
 
     paced = f", then {settings.paced_rate:,.0f} msgs/s for {settings.paced_seconds:g} s" if settings.runs_paced else ""
