@@ -303,6 +303,10 @@ cdef class Dispatcher:
         return 0
 
     cdef tuple _pop(self):
+        if CASCADE_FAST_DEBUG:
+            # Only the drain task consumes the queue (strict order relies on it).
+            if self.task is None:
+                raise AssertionError("dispatcher queue consumed without a drain task")
         cdef tuple item = self.queue.popleft()
         if self.reading_paused and len(self.queue) <= self.low_water:
             self._set_reading(False)
@@ -574,6 +578,9 @@ cdef class Session:
 
     cdef int _send(self, Outgoing msg) except -1:
         cdef int pid = self._alloc_packet_id()
+        if CASCADE_FAST_DEBUG:
+            if len(self.inflight) >= self.max_inflight:
+                raise AssertionError("in-flight window overrun")
         msg.packet_id = pid
         msg.state = OUT_SENT
         self.inflight[pid] = msg
