@@ -289,6 +289,20 @@ def test_parse_host_port_rejects(text):
         parse_host_port(text)
 
 
+def test_auto_broker_falls_back_to_amqtt_without_mosquitto(monkeypatch):
+    """No mosquitto binary: start_broker('auto') starts amqtt, which accepts connections until stopped."""
+    pytest.importorskip("amqtt")
+    from cascade_fast.bench import broker as broker_mod
+
+    monkeypatch.setattr(broker_mod, "find_mosquitto", lambda: None)
+    with broker_mod.start_broker("auto") as broker:
+        assert broker.kind.startswith("amqtt") and broker.started_here
+        assert not port_is_closed(broker.address.port)
+    assert broker.process is None and port_is_closed(broker.address.port)
+    with pytest.raises(broker_mod.BrokerError, match="mosquitto is not installed"):
+        broker_mod.start_broker("mosquitto")
+
+
 def test_mosquitto_config_has_what_the_measurement_relies_on():
     """The started broker: loopback listener, no duplicate deliveries, no persistence."""
     conf = mosquitto_config(12345)
