@@ -1,7 +1,10 @@
 """MQTT 3.1.1 codec: the compiled build when it loaded, else the pure twin.
 
 Both builds export the same names: `Decoder`, the `encode_*` functions and
-`encode_publish_batch`; packets are the named tuples of `cascade_fast.packets`.
+`encode_publish_batch`, and the sinks of `Decoder.feed_to` (`PacketSink`,
+`CallbackSink`, `CountingSink`); packets are the named tuples of
+`cascade_fast.packets`. `cascade_fast._codec_py` documents the behaviour,
+which both builds share exactly (tests/test_codec_hypothesis.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,11 @@ COMPILED: bool = _compiled is not None
 _impl = _compiled if _compiled is not None else _codec_py
 
 Decoder = _impl.Decoder
+PacketSink = _impl.PacketSink
+CallbackSink = _impl.CallbackSink
+CountingSink = _impl.CountingSink
 DEFAULT_MAX_PACKET_SIZE = _codec_py.DEFAULT_MAX_PACKET_SIZE
+MAX_REMAINING_LENGTH = _codec_py.MAX_REMAINING_LENGTH
 encode_connect = _impl.encode_connect
 encode_connack = _impl.encode_connack
 encode_publish = _impl.encode_publish
@@ -35,5 +42,9 @@ encode_disconnect = _impl.encode_disconnect
 __all__ = [name for name in dir() if name.startswith("encode_")] + [
     "COMPILED",
     "DEFAULT_MAX_PACKET_SIZE",
+    "MAX_REMAINING_LENGTH",
+    "CallbackSink",
+    "CountingSink",
     "Decoder",
+    "PacketSink",
 ]
