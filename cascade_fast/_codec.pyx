@@ -16,9 +16,10 @@ calls a C-level `PacketSink` without building any tuple per PUBLISH.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.long cimport PyLong_FromLong
+from cpython.object cimport Py_TPFLAGS_HEAPTYPE, Py_TYPE
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_SET_ITEM
 from libc.stdlib cimport free, malloc, realloc
@@ -646,6 +647,15 @@ cdef class Decoder:
         """Decode `data` after what was kept, calling `sink` once per packet."""
         if sink is None:
             raise TypeError("feed_to() needs a PacketSink, not None")
+        if Py_TYPE(sink).tp_flags & Py_TPFLAGS_HEAPTYPE:
+            # A Python subclass: methods it defines in Python would be
+            # silently ignored (the decoder calls the C-level ones).
+            cls = type(sink)
+            if getattr(cls, "on_publish", None) is not None or getattr(cls, "on_packet", None) is not None:
+                raise TypeError(
+                    f"{cls.__name__} defines on_publish/on_packet in Python, which the compiled decoder "
+                    "never calls: override them in a Cython subclass, or use CallbackSink"
+                )
         return self._run(data, sink, None)
 
     cdef int _run(self, object data, PacketSink sink, list out) except -1:

@@ -602,6 +602,29 @@ def test_feed_to_refuses_a_python_object_in_the_compiled_build() -> None:
         _compiled.Decoder().feed_to(b"\xc0\x00", None)
 
 
+def test_python_overrides_of_the_compiled_sink_are_refused() -> None:
+    """A Python subclass of the compiled PacketSink overriding its methods is refused.
+
+    The compiled decoder calls the C-level methods only: the Python ones
+    would be silently ignored, so feed_to says so instead.
+    """
+    if _compiled is None:
+        pytest.skip("compiled codec not loaded")
+
+    class PythonSink(_compiled.PacketSink):
+        def on_packet(self, packet: Any) -> None:
+            raise AssertionError("never called")
+
+    class PlainSubclass(_compiled.CountingSink):
+        pass
+
+    with pytest.raises(TypeError, match="PythonSink defines on_publish/on_packet in Python"):
+        _compiled.Decoder().feed_to(b"\xc0\x00", PythonSink())
+    sink = PlainSubclass()
+    _compiled.Decoder().feed_to(b"\xc0\x00", sink)
+    assert sink.packets == 1
+
+
 def test_twins_give_identical_error_messages() -> None:
     """Both builds raise the very same message for every malformed input above."""
     if _compiled is None:
