@@ -513,6 +513,8 @@ class Decoder:
 
     def feed_to(self, data: bytes | bytearray | memoryview, sink: Any) -> None:
         """Decode ``data`` after what was kept, calling ``sink`` once per packet."""
+        if sink is None:
+            raise TypeError("feed_to() needs a PacketSink, not None")
         self._run(data, sink, None)
 
     def _run(self, data: Any, sink: Any, out: list[Any] | None) -> None:

@@ -584,6 +584,14 @@ def test_reentrant_feed_is_refused(impl: Any) -> None:
     assert decoder.feed(b"") == [PINGRESP]
 
 
+def test_feed_to_refuses_none(impl: Any) -> None:
+    """feed_to(data, None) is a TypeError up front, not a failure at the first packet."""
+    decoder = impl.Decoder()
+    with pytest.raises(TypeError, match="needs a PacketSink"):
+        decoder.feed_to(b"\xc0\x00", None)
+    assert decoder.feed(b"\xc0\x00") == [PINGREQ]
+
+
 def test_base_sink_ignores_everything(impl: Any) -> None:
     """The PacketSink base class accepts every packet and does nothing."""
     wire, _ = _mixed_stream(impl)
@@ -598,8 +606,6 @@ def test_feed_to_refuses_a_python_object_in_the_compiled_build() -> None:
         pytest.skip("compiled codec not loaded")
     with pytest.raises(TypeError):
         _compiled.Decoder().feed_to(b"\xc0\x00", Recorder())
-    with pytest.raises(TypeError):
-        _compiled.Decoder().feed_to(b"\xc0\x00", None)
 
 
 def test_python_overrides_of_the_compiled_sink_are_refused() -> None:
