@@ -28,6 +28,7 @@ from cascade_fast._debug cimport CASCADE_FAST_DEBUG
 import asyncio
 import collections
 import logging
+import sys
 import types
 
 from orjson import dumps as _json_dumps, loads as _json_loads
@@ -46,6 +47,12 @@ cdef bytes _PINGREQ = _codec.encode_pingreq()
 cdef bytes _DISCONNECT = _codec.encode_disconnect()
 
 cdef object _CoroutineType = types.CoroutineType
+cdef object _Task = asyncio.Task
+# Python 3.12+ starts a task eagerly itself (asyncio.Task(..., eager_start=True)):
+# the first step then runs with the task as asyncio.current_task(), as it
+# would inside the reference connector's task. Before 3.12 the first step is
+# driven by hand (coro.send) and runs outside any task.
+cdef bint _EAGER_TASKS = sys.version_info >= (3, 12)
 cdef object _CancelledError = asyncio.CancelledError
 cdef object _deque = collections.deque
 cdef int _WARNING = logging.WARNING
@@ -258,15 +265,28 @@ cdef class Dispatcher:
                 self.dispatched += 1
                 continue
             if type(result) is _CoroutineType:
-                try:
-                    yielded = result.send(None)
-                except StopIteration:
-                    self.dispatched += 1
-                    continue
-                except Exception as exc:
-                    self._failed(sub, topic, exc)
-                    continue
-                awaitable = _Resume(result, yielded)
+                if _EAGER_TASKS:
+                    awaitable = _Task(result, loop=self.loop, eager_start=True)
+                    if awaitable.done():
+                        if awaitable.cancelled():
+                            self._failed(sub, topic, _CancelledError("callback was cancelled"))
+                        else:
+                            exc = awaitable.exception()
+                            if exc is None:
+                                self.dispatched += 1
+                            else:
+                                self._failed(sub, topic, exc)
+                        continue
+                else:
+                    try:
+                        yielded = result.send(None)
+                    except StopIteration:
+                        self.dispatched += 1
+                        continue
+                    except Exception as exc:
+                        self._failed(sub, topic, exc)
+                        continue
+                    awaitable = _Resume(result, yielded)
             elif hasattr(result, "__await__"):
                 # Some other awaitable (a Future, a Cython coroutine): let the task await it.
                 awaitable = result

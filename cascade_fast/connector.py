@@ -8,8 +8,23 @@ PUBLISH packets go from ``data_received`` through the decoder and the topic
 trie to the callbacks inside `cascade_fast._protocol`, and publishes are
 encoded and written there too.
 
-Behaviour is the connector contract shared with `PyMqttConnector`;
-implementation-specific options (keyword arguments):
+Behaviour is the connector contract shared with `PyMqttConnector`.
+
+Callbacks. Plain functions are called inline from ``data_received``. A
+coroutine callback is started at once, in ``data_received`` too; when it
+completes without suspending nothing is kept. When it suspends, it and
+everything after it (the rest of the message's callbacks, later messages)
+wait in order in a queue that one task drains, so every callback for
+message N finishes before any for message N+1 starts. On Python 3.12+ the
+start is ``asyncio.Task(coro, eager_start=True)``, so the first step runs
+as a task like any other. On 3.10/3.11 the first step is driven by hand
+(no task per message) and, until its first real suspension, runs with
+``asyncio.current_task()`` None: ``asyncio.timeout()`` there raises
+RuntimeError (counted in ``callback_errors``); wrap such code in
+``asyncio.create_task`` or await something first. After the first
+suspension the coroutine runs inside the drain task.
+
+Implementation-specific options (keyword arguments):
 
 ``max_inflight`` (20)
     QoS 1/2 publishes awaiting acknowledgement; beyond it publish() waits

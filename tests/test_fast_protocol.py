@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -366,6 +367,8 @@ async def test_publish_before_connack_is_a_protocol_error():
     async def serve(reader, writer):
         await reader.read(1024)
         writer.write(_publish("x", b"{}") + wire.encode_connack(False, 0))
+        await reader.read(1024)  # until the client closes
+        writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -452,6 +455,25 @@ async def test_suspended_coroutine_gets_the_awaited_result_and_exception(peer, c
     futures[1].set_exception(KeyError("k"))
     await _eventually(lambda: len(outcomes) == 4)
     assert outcomes[2:] == ["caught KeyError('k')", True]
+    assert connected.stats()["callback_errors"] == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager task start is Python 3.12+ (see FastMqttConnector docs)")
+async def test_first_step_of_a_coroutine_callback_runs_in_a_task(peer, connected):
+    """On 3.12+ the eagerly started callback is a task from its first line: asyncio.timeout() works there."""
+    results = []
+
+    async def timed(topic, data):
+        async with asyncio.timeout(5):
+            results.append(asyncio.current_task() is not None)
+            if data["n"]:
+                await asyncio.sleep(0.001)
+        results.append(data["n"])
+
+    await connected.subscribe("t/#", timed)
+    peer.send(_publish("t/x", b'{"n":0}') + _publish("t/x", b'{"n":1}'))
+    await _eventually(lambda: len(results) == 4)
+    assert results == [True, 0, True, 1]
     assert connected.stats()["callback_errors"] == 0
 
 
