@@ -18,7 +18,7 @@ calls a C-level `PacketSink` without building any tuple per PUBLISH.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.long cimport PyLong_FromLong
+from cpython.long cimport PyLong_CheckExact, PyLong_FromLong
 from cpython.object cimport Py_TPFLAGS_HEAPTYPE, Py_TYPE
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_SET_ITEM
@@ -801,6 +801,8 @@ cdef bytes _as_bytes(object value, str what):
 
 
 cdef int _check_pid(object packet_id) except -1:
+    if PyLong_CheckExact(packet_id) and 1 <= packet_id <= 65535:
+        return packet_id  # the common case, without operator.index
     if packet_id is None:
         raise ValueError("packet_id is required (1..65535)")
     pid = _index(packet_id)
@@ -810,6 +812,8 @@ cdef int _check_pid(object packet_id) except -1:
 
 
 cdef int _check_qos(object qos, str what) except -1:
+    if PyLong_CheckExact(qos) and 0 <= qos <= 2:
+        return qos  # the common case, without operator.index
     value = _index(qos)
     if not 0 <= value <= 2:
         raise ValueError(f"{what} must be 0, 1 or 2, got {value}")
@@ -1026,28 +1030,37 @@ def encode_publish_batch(items):
     """Many PUBLISH packets, back to back in one buffer (one transport write).
 
     `items` yields `(topic, payload, qos, retain, packet_id)`; each is
-    validated as by `encode_publish` (with `dup` False).
+    validated as by `encode_publish` (with `dup` False). Two passes: validate
+    and size every packet, then write them all into one bytes object of the
+    exact size (no growing buffer, no final copy).
     """
-    cdef Publication pub
-    cdef bytes keep
-    cdef char* data = NULL
-    cdef char* grown
-    cdef Py_ssize_t length = 0, capacity = 0, wanted
+    cdef Publication* pubs = NULL
+    cdef Publication* grown
+    cdef Py_ssize_t count = 0, capacity = 0, total = 0, i
+    cdef list keep = []  # every topic and payload whose memory `pubs` points into
+    cdef bytes out
+    cdef char* p
     try:
         for topic, payload, qos, retain, packet_id in items:
-            keep = _prepare_publish(&pub, topic, payload, qos, retain, False, packet_id)
-            wanted = length + pub.size
-            if wanted > capacity:
-                capacity = max(wanted, 2 * capacity, 4096)
-                grown = <char*>realloc(data, capacity)
+            if count == capacity:
+                capacity = max(64, 2 * capacity)
+                grown = <Publication*>realloc(pubs, capacity * sizeof(Publication))
                 if grown == NULL:
                     raise MemoryError()
-                data = grown
-            _put_publish(data + length, &pub)
-            length = wanted
-        return PyBytes_FromStringAndSize(data, length)
+                pubs = grown
+            keep.append(topic)
+            keep.append(_prepare_publish(&pubs[count], topic, payload, qos, retain, False, packet_id))
+            total += pubs[count].size
+            count += 1
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = PyBytes_AS_STRING(out)
+        for i in range(count):
+            p = _put_publish(p, &pubs[i])
+        if CASCADE_FAST_DEBUG:
+            assert p == PyBytes_AS_STRING(out) + total
+        return out
     finally:
-        free(data)
+        free(pubs)
 
 
 cdef bytes _encode_ack(unsigned char b0, object packet_id):
