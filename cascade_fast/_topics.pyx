@@ -1,8 +1,685 @@
-# cython: language_level=3
-# STUB: replaced by the real trie (issue 3).
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""MQTT topic matching, compiled: the hot-path twin of `cascade_fast._topics_py`.
+
+Same semantics, same errors, same results as the pure twin (its module
+docstring is the specification); tests/test_topics_hypothesis.py proves the
+two equal. Why a separate .pyx rather than compiling the twin: a cold match
+must cost about 200 ns, which rules out a substring and a dict lookup per
+level. Here the topic is walked in place on its UTF-8 bytes (free for an
+ASCII str, which is its own UTF-8), 8 bytes at a time: one pass finds the
+end of a level and hashes it, and the node finds the child through a
+hand-written table of (hash tag, index) slots, then confirms with memcmp.
+
+Python objects stay owned by Python containers (`_values`, `_cache`), so the
+garbage collector sees every reference, and refcounts are handled by hand
+only when a merged result list is filled. A node's value list is never
+changed once built (add/remove build a new one), so a match that hits a
+single node shares that list as its cached result: no allocation at all.
+
+Lone surrogates in a topic str have no UTF-8; such a topic is encoded with
+"surrogatepass" for the walk, and since no valid filter contains those
+bytes, a level with a surrogate matches only wildcards (as in the pure twin).
+"""
+
+cimport cython
+from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GetSlice
+from cpython.ref cimport PyObject, Py_INCREF
+from libc.stdint cimport UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.string cimport memcmp, memcpy
+
+from cascade_fast._debug cimport CASCADE_FAST_DEBUG
+
+from cascade_fast._topics_py import DEFAULT_CACHE_SIZE
+from cascade_fast._topics_py import _matching_filter
+
+
+cdef extern from "Python.h":
+    # Declared without an exception clause: a NULL return (lone surrogates)
+    # is handled here, not propagated.
+    const char *PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t *size)
+    void PyErr_Clear()
+    object PyList_New(Py_ssize_t size)
+    void PyList_SET_ITEM_STEAL "PyList_SET_ITEM" (object lst, Py_ssize_t index, PyObject *item)
+    Py_ssize_t PyDict_GET_SIZE(object d)
+    Py_ssize_t PY_SSIZE_T_MAX
+
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+
+    /* One level of a topic or filter: its length (bytes before the next '/'
+       or the end) and a 64-bit hash of its bytes. The hash is defined on the
+       bytes alone -- 8-byte little-endian words, the last one zero-padded,
+       then the length -- so the word-at-a-time scan and the portable one
+       agree. Never reads outside [s, s + n). */
+    static inline uint64_t cf_mix(uint64_t h, uint64_t w) {
+        h ^= w;
+        h *= 0xFF51AFD7ED558CCDULL;
+        return h ^ (h >> 32);
+    }
+
+    static inline uint64_t cf_final(uint64_t h, size_t len) {
+        h ^= (uint64_t)len;
+        h ^= h >> 33;
+        h *= 0xC4CEB9FE1A85EC53ULL;
+        return h ^ (h >> 33);
+    }
+
+    static inline uint64_t cf_tail(uint64_t h, const char *s, size_t k) {
+        /* k (0..8) bytes as one little-endian word, zero-padded */
+        uint64_t w = 0;
+        size_t i;
+        if (!k) return h;
+        for (i = 0; i < k; i++) w |= (uint64_t)(unsigned char)s[i] << (8 * i);
+        return cf_mix(h, w);
+    }
+
+    static inline uint64_t cf_level(const char *s, size_t n, size_t *len) {
+        uint64_t h = 0x9E3779B97F4A7C15ULL;
+        size_t i = 0, k;
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        /* SWAR: a byte of w equal to '/' becomes zero in v; the lowest set
+           bit of t marks the first one (higher bits may be false hits). */
+        while (n - i >= 8) {
+            uint64_t w, v, t;
+            memcpy(&w, s + i, 8);
+            v = w ^ 0x2F2F2F2F2F2F2F2FULL;
+            t = (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
+            if (t) {
+                k = (size_t)__builtin_ctzll(t) >> 3;
+                if (k) h = cf_mix(h, w & (~0ULL >> (64 - 8 * k)));
+                *len = i + k;
+                return cf_final(h, i + k);
+            }
+            h = cf_mix(h, w);
+            i += 8;
+        }
+    #endif
+        for (;;) {
+            for (k = 0; k < 8 && i + k < n && s[i + k] != '/'; k++) {}
+            if (k < 8) {
+                h = cf_tail(h, s + i, k);
+                *len = i + k;
+                return cf_final(h, i + k);
+            }
+            h = cf_tail(h, s + i, 8);
+            i += 8;
+        }
+    }
+    """
+    uint64_t cf_level(const char *s, size_t n, size_t *len) nogil
+
+
+cdef enum:
+    SMALL_KIDS = 4        # up to this many literal children: a dense slot array scanned in order
+    INLINE_STACK = 64     # walk stack entries before it moves to the heap
+    INLINE_FOUND = 32     # matched nodes before the list moves to the heap
+    INLINE_PAIRS = 64     # (seq, value) pairs merged on the C stack
+
+
+ctypedef struct _Step:
+    int32_t node          # node reached
+    Py_ssize_t start      # byte offset of the next topic level, -1 when every level is consumed
+
+ctypedef struct _Pair:
+    int64_t seq
+    PyObject *value       # borrowed from a node's value list
+
+
+cdef inline const char *_key(const _Node *node) noexcept nogil:
+    if node.key != NULL:
+        return node.key
+    return node.inline_key
+
+
+cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *s, uint32_t n,
+                           uint64_t h) noexcept nogil:
+    """The literal child of `parent` whose level is the `n` bytes at `s` (hash `h`), or -1."""
+    cdef uint32_t tag = <uint32_t>(h >> 32)
+    cdef uint32_t k, j
+    cdef int32_t c
+    cdef const _Node *node
+    cdef const _Slot *slots = parent.slots
+    if parent.table_mask == 0:
+        for k in range(parent.kids_len):
+            if slots[k].tag == tag:
+                c = slots[k].index
+                node = &nodes[c]
+                if node.keylen == n and memcmp(_key(node), s, n) == 0:
+                    return c
+        return -1
+    j = <uint32_t>h & parent.table_mask
+    while True:
+        c = slots[j].index
+        if c < 0:
+            return -1
+        if slots[j].tag == tag:
+            node = &nodes[c]
+            if node.keylen == n and memcmp(_key(node), s, n) == 0:
+                return c
+        j = (j + 1) & parent.table_mask
+
+
+cdef int _set_slots(_Node *nodes, int32_t index, int32_t skip, uint32_t room) except -1:
+    """Rebuild node `index`'s child slots, leaving out child `skip`, sized for `room` more.
+
+    Dense while the children (plus room) are few, else a table.
+    """
+    cdef _Node *parent = &nodes[index]
+    cdef _Slot *old = parent.slots
+    cdef uint32_t old_len = parent.table_mask + 1 if parent.table_mask else parent.kids_len
+    cdef uint32_t count = 0
+    cdef uint32_t size, k, j, mask
+    cdef _Slot *slots
+    for k in range(old_len):
+        if old[k].index >= 0 and old[k].index != skip:
+            count += 1
+    if count + room <= SMALL_KIDS:
+        size = SMALL_KIDS
+        mask = 0
+    else:
+        size = 16
+        while size < (count + room) * 2:  # load factor <= 1/2 keeps probes short
+            size <<= 1
+        mask = size - 1
+    slots = <_Slot *>malloc(size * sizeof(_Slot))
+    if slots == NULL:
+        raise MemoryError()
+    for j in range(size):
+        slots[j].index = -1
+        slots[j].tag = 0
+    count = 0
+    for k in range(old_len):
+        if old[k].index < 0 or old[k].index == skip:
+            continue
+        if mask == 0:
+            slots[count] = old[k]
+        else:
+            j = <uint32_t>nodes[old[k].index].khash & mask
+            while slots[j].index >= 0:
+                j = (j + 1) & mask
+            slots[j] = old[k]
+        count += 1
+    free(old)
+    parent.slots = slots
+    parent.slots_cap = size
+    parent.table_mask = mask
+    parent.kids_len = count
+    return 0
+
+
+cdef int _attach(_Node *nodes, int32_t parent_index, int32_t child_index) except -1:
+    """Register literal node `child_index` (key and khash set) as a child of `parent_index`."""
+    cdef _Node *parent = &nodes[parent_index]
+    cdef uint64_t h = nodes[child_index].khash
+    cdef uint32_t j
+    if parent.table_mask == 0 and parent.kids_len < SMALL_KIDS:
+        if parent.slots == NULL:
+            parent.slots = <_Slot *>malloc(SMALL_KIDS * sizeof(_Slot))
+            if parent.slots == NULL:
+                raise MemoryError()
+            parent.slots_cap = SMALL_KIDS
+        parent.slots[parent.kids_len].tag = <uint32_t>(h >> 32)
+        parent.slots[parent.kids_len].index = child_index
+        parent.kids_len += 1
+        return 0
+    if parent.table_mask == 0 or (parent.kids_len + 1) * 2 > parent.table_mask + 1:
+        _set_slots(nodes, parent_index, -1, 1)  # grow into (a bigger) table first
+    j = <uint32_t>h & parent.table_mask
+    while parent.slots[j].index >= 0:
+        j = (j + 1) & parent.table_mask
+    parent.slots[j].tag = <uint32_t>(h >> 32)
+    parent.slots[j].index = child_index
+    parent.kids_len += 1
+    return 0
+
+
+cdef int _detach(_Node *nodes, int32_t child_index) except -1:
+    """Unlink node `child_index` from its parent (literal, '+' or '#')."""
+    cdef int32_t parent_index = nodes[child_index].parent
+    cdef _Node *parent = &nodes[parent_index]
+    if parent.plus == child_index:
+        parent.plus = -1
+    elif parent.hash == child_index:
+        parent.hash = -1
+    else:
+        # Linear probing cannot just blank a slot, and removals are rare: rebuild.
+        _set_slots(nodes, parent_index, child_index, 0)
+    return 0
+
+
+cdef void _init_node(_Node *node, int32_t parent) noexcept nogil:
+    memset_node(node)
+    node.parent = parent
+    node.plus = -1
+    node.hash = -1
+    node.used = True
+
+
+cdef inline void memset_node(_Node *node) noexcept nogil:
+    node.keylen = 0
+    node.kids_len = 0
+    node.table_mask = 0
+    node.nvalues = 0
+    node.slots = NULL
+    node.key = NULL
+    node.khash = 0
+    node.seqs = NULL
+    node.seqs_cap = 0
+    node.slots_cap = 0
+
+
+cdef void _release_node(_Node *node) noexcept nogil:
+    """Free a node's own allocations (not its children's) and mark it unused."""
+    free(node.key)
+    free(node.slots)
+    free(node.seqs)
+    node.key = NULL
+    node.slots = NULL
+    node.seqs = NULL
+    node.used = False
+
+
+cdef int32_t _new_node(TopicTrie trie, int32_t parent, const char *key, size_t keylen, uint64_t khash) except -1:
+    """A fresh node under `parent`, holding a copy of `key` when `key` is not NULL. May move trie._nodes."""
+    cdef int32_t index
+    cdef int32_t capacity
+    cdef _Node *nodes
+    cdef _Node *node
+    cdef char *copy = NULL
+    if keylen > _INLINE_KEY:
+        copy = <char *>malloc(keylen)
+        if copy == NULL:
+            raise MemoryError()
+        memcpy(copy, key, keylen)
+    try:
+        if trie._free >= 0:
+            index = trie._free
+            trie._free = trie._nodes[index].parent
+        else:
+            if trie._nnodes == trie._capacity:
+                if trie._capacity >= 0x20000000:
+                    raise MemoryError("TopicTrie has too many nodes")
+                capacity = trie._capacity * 2
+                nodes = <_Node *>realloc(trie._nodes, <size_t>capacity * sizeof(_Node))
+                if nodes == NULL:
+                    raise MemoryError()
+                trie._nodes = nodes
+                trie._capacity = capacity
+            trie._values.append(None)  # this node's slot in _values
+            index = trie._nnodes
+            trie._nnodes += 1
+    except BaseException:
+        free(copy)
+        raise
+    node = &trie._nodes[index]
+    _init_node(node, parent)
+    if key != NULL:
+        node.keylen = <uint32_t>keylen
+        node.khash = khash
+        if copy != NULL:
+            node.key = copy
+        else:
+            memcpy(node.inline_key, key, keylen)
+    return index
+
+
+cdef int32_t _find_or_create(TopicTrie trie, const char *pattern, size_t size, bint create) except -2:
+    """The node a (validated, share-stripped) filter ends at; -1 if absent and not `create`."""
+    cdef int32_t index = 0
+    cdef int32_t child
+    cdef size_t start = 0
+    cdef size_t length
+    cdef uint64_t h
+    while True:
+        h = cf_level(pattern + start, size - start, &length)
+        if length == 1 and pattern[start] == b'+':
+            child = trie._nodes[index].plus
+            if child < 0 and create:
+                child = _new_node(trie, index, NULL, 0, 0)
+                trie._nodes[index].plus = child
+        elif length == 1 and pattern[start] == b'#':
+            child = trie._nodes[index].hash
+            if child < 0 and create:
+                child = _new_node(trie, index, NULL, 0, 0)
+                trie._nodes[index].hash = child
+        else:
+            child = _child(trie._nodes, &trie._nodes[index], pattern + start, <uint32_t>length, h)
+            if child < 0 and create:
+                child = _new_node(trie, index, pattern + start, length, h)
+                _attach(trie._nodes, index, child)
+        if child < 0:
+            return -1
+        index = child
+        start += length
+        if start == size:
+            return index
+        start += 1  # the '/'
+
+
+cdef int _cmp_pairs(const void *a, const void *b) noexcept nogil:
+    cdef int64_t x = (<const _Pair *>a).seq
+    cdef int64_t y = (<const _Pair *>b).seq
+    return (x > y) - (x < y)
+
+
 cdef class TopicTrie:
-    def __init__(self):
+    """Maps MQTT topic filters to values; `match(topic)` returns every value whose filter matches.
+
+    Compiled twin of `cascade_fast._topics_py.TopicTrie`: same constructor,
+    methods, errors and results (see that module for the semantics). Results
+    are cached per topic, up to `cache_size` topics (0 disables the cache),
+    cleared when full and on every add/remove/clear. The Cython protocol
+    calls `match_shared`, which returns the cached list itself.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self._nodes = <_Node *>malloc(16 * sizeof(_Node))
+        if self._nodes == NULL:
+            raise MemoryError()
+        self._capacity = 16
+        self._nnodes = 1
+        self._free = -1
+        _init_node(&self._nodes[0], -1)
+        self._values = [None]
         self._cache = {}
+        self._empty = []
+        self._cache_size = DEFAULT_CACHE_SIZE
+
+    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        if not isinstance(cache_size, int) or cache_size < 0:
+            raise ValueError(f"cache_size must be an int >= 0, not {cache_size!r}")
+        self._cache_size = cache_size
+
+    def __dealloc__(self):
+        cdef int32_t i
+        if self._nodes != NULL:
+            for i in range(self._nnodes):
+                if self._nodes[i].used:
+                    _release_node(&self._nodes[i])
+            free(self._nodes)
+            self._nodes = NULL
+
+    def __len__(self) -> int:
+        """The number of ``(filter, value)`` pairs."""
+        return self._count
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache)}>"
+
+    def __reduce__(self):
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+    def add(self, topic_filter: str, value: object) -> None:
+        """Add the pair ``(topic_filter, value)``; adding the same pair twice stores it twice.
+
+        Raises `ValueError` for an invalid filter (see `validate_filter`). A
+        ``$share/{group}/{filter}`` pair is stored under ``{filter}``.
+        """
+        cdef bytes pattern = (<str>_matching_filter(topic_filter)).encode("utf-8")
+        cdef int32_t index = _find_or_create(self, pattern, len(pattern), True)
+        cdef _Node *node = &self._nodes[index]
+        cdef uint32_t cap
+        cdef int64_t *seqs
+        if node.nvalues == UINT32_MAX:
+            raise OverflowError("too many values under one topic filter")
+        if node.nvalues == node.seqs_cap:
+            cap = node.seqs_cap * 2 if node.seqs_cap else 1
+            seqs = <int64_t *>realloc(node.seqs, <size_t>cap * sizeof(int64_t))
+            if seqs == NULL:
+                raise MemoryError()
+            node.seqs = seqs
+            node.seqs_cap = cap
+        # A new list, never an append: the old one may be a cached result or
+        # be held by a match_shared caller.
+        old = self._values[index]
+        self._values[index] = [value] if old is None else (<list>old) + [value]
+        self._seq += 1
+        node.seqs[node.nvalues] = self._seq
+        node.nvalues += 1
+        self._count += 1
+        self._generation += 1
+        _invalidate(self)
+
+    def remove(self, topic_filter: str, value: object) -> bool:
+        """Remove one ``(topic_filter, value)`` pair, the earliest added; return whether one was there.
+
+        Values compare with ``==`` (identity first). The filter is validated
+        as in `add`, and ``$share/{group}/{filter}`` names the pairs stored
+        under ``{filter}``.
+        """
+        cdef bytes pattern = (<str>_matching_filter(topic_filter)).encode("utf-8")
+        cdef int32_t index = _find_or_create(self, pattern, len(pattern), False)
+        cdef uint64_t generation = self._generation
+        cdef Py_ssize_t position = 0
+        cdef int32_t parent
+        cdef _Node *node
+        if index < 0 or self._values[index] is None:
+            return False
+        values = self._values[index]
+        for candidate in <list>values:
+            if candidate is value or candidate == value:
+                break
+            position += 1
+        else:
+            return False
+        if self._generation != generation:
+            # `==` ran user code that changed the trie: `index` may be stale.
+            raise RuntimeError("TopicTrie changed during remove() (by a value's __eq__)")
+        node = &self._nodes[index]
+        node.nvalues -= 1
+        memcpy(&node.seqs[position], &node.seqs[position + 1], <size_t>(node.nvalues - position) * sizeof(int64_t))
+        # `values` and `candidate` stay referenced until we return, so no
+        # finalizer runs while the structure is half updated.
+        self._values[index] = (<list>values)[:position] + (<list>values)[position + 1:] if node.nvalues else None
+        self._count -= 1
+        self._generation += 1
+        while index != 0:
+            node = &self._nodes[index]
+            if node.nvalues or node.kids_len or node.plus >= 0 or node.hash >= 0:
+                break
+            parent = node.parent
+            _detach(self._nodes, index)
+            _release_node(&self._nodes[index])
+            self._nodes[index].parent = self._free
+            self._free = index
+            index = parent
+        _invalidate(self)
+        return True
+
+    def clear(self) -> None:
+        """Remove every pair (and the cache)."""
+        cdef int32_t i
+        for i in range(self._nnodes):
+            if self._nodes[i].used:
+                _release_node(&self._nodes[i])
+        self._nnodes = 1
+        self._free = -1
+        _init_node(&self._nodes[0], -1)
+        self._count = 0
+        self._generation += 1
+        old_values = self._values
+        self._values = [None]
+        _invalidate(self)
+        del old_values  # finalizers of the old values run now, on a consistent trie
+
+    @cython.always_allow_keywords(False)
+    def match(self, topic: str, /) -> list:
+        """The values of every filter matching `topic`, in the order their pairs were added.
+
+        A new list on each call: the caller may keep or change it. The topic
+        is not validated (see `cascade_fast._topics_py`).
+        """
+        if not isinstance(topic, str):
+            raise TypeError(f"topic must be str, not {type(topic).__name__}")
+        return PyList_GetSlice(self.match_shared(topic), 0, PY_SSIZE_T_MAX)
 
     cdef list match_shared(self, str topic):
-        return []
+        cdef PyObject *hit = PyDict_GetItemWithError(self._cache, topic)
+        if hit != NULL:
+            return <list>hit
+        result = _walk(self, topic)
+        if self._cache_size:
+            if PyDict_GET_SIZE(self._cache) >= self._cache_size:
+                # Every cached value is still in the trie: no finalizer runs here.
+                self._cache.clear()
+            PyDict_SetItem(self._cache, topic, result)
+        return result
+
+
+cdef int _invalidate(TopicTrie self) except -1:
+    """Drop every cached result (after an add/remove/clear).
+
+    Replaced rather than cleared: a finalizer run by dropping old results
+    then finds a valid, empty cache.
+    """
+    if PyDict_GET_SIZE(self._cache):
+        old = self._cache
+        self._cache = {}
+        del old
+    return 0
+
+
+cdef list _walk(TopicTrie self, str topic):
+    """Match `topic` against the trie: the shared empty list, a node's own list, or a new merged list."""
+    cdef Py_ssize_t size
+    cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
+    cdef object encoded
+    if data == NULL:
+        PyErr_Clear()  # lone surrogates (see the module docstring)
+        encoded = (<str>topic).encode("utf-8", "surrogatepass")
+        data = <bytes>encoded
+        size = len(<bytes>encoded)
+    cdef const _Node *nodes = self._nodes
+    cdef const _Node *node
+    cdef _Step inline_stack[INLINE_STACK]
+    cdef _Step *stack = inline_stack
+    cdef _Step *grown
+    cdef Py_ssize_t depth
+    cdef Py_ssize_t stack_cap = INLINE_STACK
+    cdef int32_t inline_found[INLINE_FOUND]
+    cdef int32_t *found = inline_found
+    cdef int32_t *found_grown
+    cdef Py_ssize_t nfound = 0
+    cdef Py_ssize_t found_cap = INLINE_FOUND
+    cdef int32_t index, child
+    cdef Py_ssize_t start, following
+    cdef size_t length
+    cdef uint64_t h
+    cdef bint wild
+    # MQTT 3.1.1 §4.7.2: wildcards at the first level skip "$" topics.
+    cdef bint dollar = size > 0 and data[0] == b'$'
+    stack[0].node = 0
+    stack[0].start = 0
+    depth = 1
+    try:
+        while depth:
+            depth -= 1
+            index = stack[depth].node
+            start = stack[depth].start
+            node = &nodes[index]
+            wild = not (dollar and index == 0)
+            # Room for what this step may add: 2 stack entries, 2 found nodes.
+            if depth + 2 > stack_cap:
+                grown = <_Step *>malloc(<size_t>stack_cap * 2 * sizeof(_Step))
+                if grown == NULL:
+                    raise MemoryError()
+                memcpy(grown, stack, <size_t>depth * sizeof(_Step))
+                if stack != inline_stack:
+                    free(stack)
+                stack = grown
+                stack_cap *= 2
+            if nfound + 2 > found_cap:
+                found_grown = <int32_t *>malloc(<size_t>found_cap * 2 * sizeof(int32_t))
+                if found_grown == NULL:
+                    raise MemoryError()
+                memcpy(found_grown, found, <size_t>nfound * sizeof(int32_t))
+                if found != inline_found:
+                    free(found)
+                found = found_grown
+                found_cap *= 2
+            if wild and node.hash >= 0 and nodes[node.hash].nvalues:
+                found[nfound] = node.hash  # "#" matches the rest, or nothing more (§4.7.1.2)
+                nfound += 1
+            if start < 0:
+                if node.nvalues:
+                    found[nfound] = index
+                    nfound += 1
+                continue
+            if node.kids_len == 0 and not (wild and node.plus >= 0):
+                continue  # nothing below can match; skip scanning the level
+            h = cf_level(data + start, <size_t>(size - start), &length)
+            following = start + <Py_ssize_t>length + 1
+            if following > size:
+                following = -1  # that was the last level
+            if wild and node.plus >= 0:
+                stack[depth].node = node.plus
+                stack[depth].start = following
+                depth += 1
+            if node.kids_len and length <= UINT32_MAX:
+                child = _child(nodes, node, data + start, <uint32_t>length, h)
+                if child >= 0:
+                    stack[depth].node = child
+                    stack[depth].start = following
+                    depth += 1
+        return _collect(self, found, nfound)
+    finally:
+        if stack != inline_stack:
+            free(stack)
+        if found != inline_found:
+            free(found)
+
+
+cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
+    """The values of the matched nodes, merged into add() order."""
+    cdef Py_ssize_t total = 0
+    cdef Py_ssize_t i, j, k
+    cdef const _Node *node
+    cdef _Pair inline_pairs[INLINE_PAIRS]
+    cdef _Pair *pairs = inline_pairs
+    cdef _Pair pair
+    cdef PyObject *values
+    if nfound == 0:
+        return self._empty
+    if nfound == 1:
+        # One node: its list is in add() order and never changes; share it.
+        return <list>PyList_GET_ITEM(self._values, found[0])
+    for i in range(nfound):
+        total += self._nodes[found[i]].nvalues
+    if total > INLINE_PAIRS:
+        pairs = <_Pair *>malloc(<size_t>total * sizeof(_Pair))
+        if pairs == NULL:
+            raise MemoryError()
+    try:
+        k = 0
+        for i in range(nfound):
+            node = &self._nodes[found[i]]
+            values = PyList_GET_ITEM(self._values, found[i])
+            if CASCADE_FAST_DEBUG:
+                assert len(<list>values) == node.nvalues, "node value count out of step with its list"
+            for j in range(node.nvalues):
+                pairs[k].seq = node.seqs[j]
+                pairs[k].value = PyList_GET_ITEM(<object>values, j)
+                k += 1
+        if total <= 16:
+            for i in range(1, total):  # insertion sort: a handful of pairs
+                pair = pairs[i]
+                j = i - 1
+                while j >= 0 and pairs[j].seq > pair.seq:
+                    pairs[j + 1] = pairs[j]
+                    j -= 1
+                pairs[j + 1] = pair
+        else:
+            qsort(pairs, <size_t>total, sizeof(_Pair), _cmp_pairs)
+        result = PyList_New(total)
+        for i in range(total):
+            Py_INCREF(<object>pairs[i].value)
+            PyList_SET_ITEM_STEAL(result, i, pairs[i].value)
+        return result
+    finally:
+        if pairs != inline_pairs:
+            free(pairs)
