@@ -192,6 +192,8 @@ class _Node:
         self.hash: _Node | None = None
         # Values of the filters ending here, and the add() sequence number of
         # each, so results from several nodes merge back into add() order.
+        # `values` is replaced, never changed in place, so a match hitting
+        # only this node can cache the list itself (as the compiled twin does).
         self.values: list[Any] = []
         self.seqs: list[int] = []
 
@@ -209,7 +211,7 @@ class TopicTrie:
     the price of one cold pass. Any add/remove/clear clears it too.
     """
 
-    __slots__ = ("_cache", "_cache_size", "_count", "_empty", "_root", "_seq")
+    __slots__ = ("_cache", "_cache_size", "_count", "_empty", "_generation", "_root", "_seq")
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         if not isinstance(cache_size, int) or cache_size < 0:
@@ -219,6 +221,9 @@ class TopicTrie:
         self._root = _Node(None, "")
         self._count = 0
         self._seq = 0
+        # Bumped by every add/remove/clear: remove() notices a change made
+        # by a value's __eq__ while it searched.
+        self._generation = 0
         # One shared result for every topic that matches nothing; it is never
         # mutated, and `match` copies it like any other cached result.
         self._empty: list[Any] = []
@@ -254,8 +259,9 @@ class TopicTrie:
                 node = child
         self._seq += 1
         node.seqs.append(self._seq)
-        node.values.append(value)
+        node.values = [*node.values, value]
         self._count += 1
+        self._generation += 1
         self._cache.clear()
 
     def _find(self, pattern: str) -> _Node | None:
@@ -284,17 +290,19 @@ class TopicTrie:
         if node is None:
             return False
         values = node.values
+        generation = self._generation
         for index, candidate in enumerate(values):
             if candidate is value or candidate == value:
                 break
         else:
             return False
-        # `==` ran user code, which may have changed the trie; look again.
-        if self._find(pattern) is not node or index >= len(values) or values[index] is not candidate:
+        # `==` ran user code; if it changed the trie, `index` may be stale.
+        if self._generation != generation:
             raise RuntimeError("TopicTrie changed during remove() (by a value's __eq__)")
         del node.seqs[index]
-        del values[index]
+        node.values = values[:index] + values[index + 1 :]
         self._count -= 1
+        self._generation += 1
         while node.parent is not None and node.is_empty():
             parent = node.parent
             if node is parent.plus:
@@ -311,9 +319,25 @@ class TopicTrie:
         """Remove every pair (and the cache)."""
         self._root = _Node(None, "")
         self._count = 0
+        self._generation += 1
         self._cache.clear()
 
-    def match(self, topic: str) -> list[Any]:
+    @property
+    def cache_size(self) -> int:
+        """The most topics whose results are cached (0: no cache)."""
+        return self._cache_size
+
+    @property
+    def cached_topics(self) -> int:
+        """How many topics have a cached result right now (for tests and stats)."""
+        return len(self._cache)
+
+    def __reduce__(self) -> Any:
+        # The compiled twin cannot be pickled; neither can this one, so code
+        # that works on one works on the other.
+        raise TypeError(f"cannot pickle {type(self).__name__!r} object")
+
+    def match(self, topic: str, /) -> list[Any]:
         """The values of every filter matching `topic`, in the order their pairs were added.
 
         A new list on each call: the caller may keep or change it. The topic
@@ -331,7 +355,7 @@ class TopicTrie:
         if not found:
             result = self._empty
         elif len(found) == 1:
-            result = found[0].values.copy()
+            result = found[0].values  # never changed in place: safe to share
         else:
             pairs = [pair for node in found for pair in zip(node.seqs, node.values)]
             pairs.sort(key=_first)
