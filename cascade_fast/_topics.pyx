@@ -411,7 +411,18 @@ cdef class TopicTrie:
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache)}>"
 
+    @property
+    def cache_size(self) -> int:
+        """The most topics whose results are cached (0: no cache)."""
+        return self._cache_size
+
+    @property
+    def cached_topics(self) -> int:
+        """How many topics have a cached result right now (for tests and stats)."""
+        return len(self._cache)
+
     def __reduce__(self):
+        # Nodes are C memory; the pure twin refuses too, so both behave alike.
         raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
     def add(self, topic_filter: str, value: object) -> None:
