@@ -25,6 +25,10 @@ SECONDS = 45
 def test_fuzz_decoder_bounded(tmp_path: Path) -> None:
     """~45 s of fuzzing finds no crash, no hang and no disagreement between the twins."""
     env = dict(os.environ, PYTHONSAFEPATH="1")
+    # The child runs in tmp_path (where libFuzzer drops crash files): make a
+    # relative PYTHONPATH (the dev set-up's `src:.`) absolute first.
+    paths = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     args = [sys.executable, str(TOOL), f"-max_total_time={SECONDS}", "-timeout=10", "-rss_limit_mb=1024", "-seed=20261125"]
     result = subprocess.run(
         args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SECONDS + 45
