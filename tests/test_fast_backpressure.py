@@ -139,3 +139,87 @@ async def test_slow_async_callback_pauses_reading_and_memory_stays_flat():
         await asyncio.wait_for(conn.disconnect(), 10)
         peer.close()
         peer.join(5)
+
+
+class _StallingPeer(threading.Thread):
+    """Answers CONNECT and the birth, then stops reading until `resume` is set, then drains."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.resume = threading.Event()
+        self.received = 0
+        self.conn: socket.socket | None = None
+
+    def run(self) -> None:
+        conn, _ = self.listener.accept()
+        self.conn = conn
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        decoder = wire.Decoder()
+        birth_acked = False
+        while not birth_acked:
+            data = conn.recv(4096)
+            if not data:
+                return
+            for packet in decoder.feed(data):
+                if packet.type == "CONNECT":
+                    conn.sendall(wire.encode_connack(False, 0))
+                elif packet.type == "PUBLISH" and packet.qos == 1:
+                    conn.sendall(wire.encode_puback(packet.packet_id))
+                    birth_acked = True
+        self.resume.wait(30)
+        try:
+            while data := conn.recv(1 << 20):
+                self.received += len(data)
+                for packet in decoder.feed(data):
+                    if packet.type == "PUBLISH" and packet.qos == 1:  # disconnect()'s OFFLINE
+                        conn.sendall(wire.encode_puback(packet.packet_id))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in (self.conn, self.listener):
+            if sock is not None:
+                sock.close()
+
+
+async def test_publishes_wait_while_the_peer_does_not_read():
+    """QoS 0 publishes into a stalled socket wait past write_buffer_limit (none dropped); they resume when it drains."""
+    from cascade_fast.connector import FastMqttConnector
+
+    peer = _StallingPeer()
+    peer.start()
+    limit = 256 * 1024
+    conn = FastMqttConnector("127.0.0.1", peer.port, keepalive=0, write_buffer_limit=limit)
+    payload = {"pad": "x" * 1000}
+    total = 20_000  # ~20 MB: far more than the socket buffers and the limit hold
+    done = 0
+
+    async def producer():
+        nonlocal done
+        for _ in range(total):
+            await conn.publish("stall/x", payload)
+            done += 1
+
+    try:
+        await conn.connect()
+        task = asyncio.ensure_future(producer())
+        for _ in range(20):
+            await asyncio.sleep(0.05)
+        assert not task.done()
+        stats = conn.stats()
+        assert stats["write_paused"] == 1, stats
+        assert done < total // 2, done
+        pending = conn._session.protocol.write_pending
+        assert pending <= limit + 2 * 65536, pending  # the limit plus at most one batch in flight
+        assert stats["dropped"] == 0 and stats["publish_errors"] == 0
+        peer.resume.set()
+        await asyncio.wait_for(task, 60)
+        await conn.flush(timeout=30)
+        assert conn.stats()["published"] == total + 1  # + birth
+    finally:
+        peer.resume.set()
+        await asyncio.wait_for(conn.disconnect(), 10)
+        peer.close()
+        peer.join(5)
