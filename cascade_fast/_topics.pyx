@@ -390,7 +390,7 @@ cdef class TopicTrie:
         self._empty = []
         self._cache_size = DEFAULT_CACHE_SIZE
 
-    def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+    def __init__(self, cache_size=DEFAULT_CACHE_SIZE):
         if not isinstance(cache_size, int) or cache_size < 0:
             raise ValueError(f"cache_size must be an int >= 0, not {cache_size!r}")
         self._cache_size = cache_size
@@ -404,11 +404,11 @@ cdef class TopicTrie:
             free(self._nodes)
             self._nodes = NULL
 
-    def __len__(self) -> int:
+    def __len__(self):
         """The number of ``(filter, value)`` pairs."""
         return self._count
 
-    def __repr__(self) -> str:
+    def __repr__(self):
         return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache)}>"
 
     @property
@@ -425,7 +425,7 @@ cdef class TopicTrie:
         # Nodes are C memory; the pure twin refuses too, so both behave alike.
         raise TypeError(f"cannot pickle {type(self).__name__!r} object")
 
-    def add(self, topic_filter: str, value: object) -> None:
+    def add(self, topic_filter, value):
         """Add the pair ``(topic_filter, value)``; adding the same pair twice stores it twice.
 
         Raises `ValueError` for an invalid filter (see `validate_filter`). A
@@ -456,7 +456,7 @@ cdef class TopicTrie:
         self._generation += 1
         _invalidate(self)
 
-    def remove(self, topic_filter: str, value: object) -> bool:
+    def remove(self, topic_filter, value):
         """Remove one ``(topic_filter, value)`` pair, the earliest added; return whether one was there.
 
         Values compare with ``==`` (identity first). The filter is validated
@@ -502,7 +502,7 @@ cdef class TopicTrie:
         _invalidate(self)
         return True
 
-    def clear(self) -> None:
+    def clear(self):
         """Remove every pair (and the cache)."""
         cdef int32_t i
         for i in range(self._nnodes):
@@ -519,7 +519,7 @@ cdef class TopicTrie:
         del old_values  # finalizers of the old values run now, on a consistent trie
 
     @cython.always_allow_keywords(False)
-    def match(self, topic: str, /) -> list:
+    def match(self, topic, /):
         """The values of every filter matching `topic`, in the order their pairs were added.
 
         A new list on each call: the caller may keep or change it. The topic

@@ -109,13 +109,17 @@ def _check_levels(topic_filter: str, original: str) -> None:
                 )
 
 
-@functools.lru_cache(maxsize=4096)
 def _matching_filter(topic_filter: str) -> str:
-    """Validate `topic_filter` and return the filter matching uses (``$share/{group}/`` stripped).
+    """Validate `topic_filter` and return the filter matching uses (``$share/{group}/`` stripped)."""
+    if not isinstance(topic_filter, str):  # before the cache, which would need it hashable
+        raise TypeError(f"topic filter must be str, not {type(topic_filter).__name__}")
+    return _matching_filter_cached(topic_filter)
 
-    Cached because `filter_matches` may be called per message with the same
-    few filters; exceptions are not cached, so an invalid filter raises each time.
-    """
+
+@functools.lru_cache(maxsize=4096)
+def _matching_filter_cached(topic_filter: str) -> str:
+    # Cached because `filter_matches` may be called per message with the same
+    # few filters; exceptions are not cached, so an invalid filter raises each time.
     _check_string(topic_filter, "topic filter")
     matched = topic_filter
     if topic_filter == _SHARE or topic_filter.startswith(_SHARE + "/"):
@@ -343,14 +347,14 @@ class TopicTrie:
         A new list on each call: the caller may keep or change it. The topic
         is not validated (see the module docstring).
         """
+        if not isinstance(topic, str):
+            raise TypeError(f"topic must be str, not {type(topic).__name__}")
         cached = self._cache.get(topic)
         if cached is None:
             cached = self._match_uncached(topic)
         return cached.copy()
 
     def _match_uncached(self, topic: str) -> list[Any]:
-        if not isinstance(topic, str):
-            raise TypeError(f"topic must be str, not {type(topic).__name__}")
         found = self._walk(topic)
         if not found:
             result = self._empty
