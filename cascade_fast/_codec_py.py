@@ -559,17 +559,17 @@ class Decoder:
                 end = start + rem
                 if b0 >> 4 == 3:
                     topic, payload, qos, retain, dup, pid = _decode_publish(b0, packet, start, end)
-                    resume = pos
                     if sink is None:
                         out.append(Publish("PUBLISH", topic, payload, qos, retain, dup, pid if qos else None))  # type: ignore[union-attr]
                     else:
+                        resume = pos
                         sink.on_publish(topic, payload, qos, retain, dup, pid)
                 else:
                     packet_obj = _decode_other(b0, packet, start, end)
-                    resume = pos
                     if sink is None:
                         out.append(packet_obj)  # type: ignore[union-attr]
                     else:
+                        resume = pos
                         sink.on_packet(packet_obj)
                 resume = -1
             while pos < n:
@@ -591,17 +591,17 @@ class Decoder:
                     break
                 if b0 >> 4 == 3:
                     topic, payload, qos, retain, dup, pid = _decode_publish(b0, buf, start, end)
-                    resume = end
                     if sink is None:
                         out.append(Publish("PUBLISH", topic, payload, qos, retain, dup, pid if qos else None))  # type: ignore[union-attr]
                     else:
+                        resume = end
                         sink.on_publish(topic, payload, qos, retain, dup, pid)
                 else:
                     packet_obj = _decode_other(b0, buf, start, end)
-                    resume = end
                     if sink is None:
                         out.append(packet_obj)  # type: ignore[union-attr]
                     else:
+                        resume = end
                         sink.on_packet(packet_obj)
                 resume = -1
                 pos = end
