@@ -26,7 +26,7 @@ from broker import Mosquitto
 os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 #: Implementations the behaviour suite runs against.
-CONNECTOR_IMPLEMENTATIONS = ["python"]
+CONNECTOR_IMPLEMENTATIONS = ["python", "fast"]
 
 #: Implementation name -> "module:Class" (imported only when a test needs it,
 #: so a missing compiled core fails only the tests of that implementation).
