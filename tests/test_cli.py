@@ -106,6 +106,7 @@ def test_bench_python_writes_consistent_json_and_a_png(tmp_path):
     lat = r["latency_ms"]
     assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
     assert r["observer_cpu_per_100k"] > 0 and r["publisher_cpu_per_100k"] > 0
+    assert r["observer_msgs_per_cpu_s"] == pytest.approx(1e5 / r["observer_cpu_per_100k"])
     assert r["observer_peak_rss_mb"] > 5
     assert sum(r["timeline"]) * 0.25 == pytest.approx(2000)
     assert r["stats"]["observer-0"]["decode_errors"] == 0
@@ -353,6 +354,7 @@ def test_aggregate_counts_losses_per_source_and_figures():
     assert r.observer_cpu_per_100k == pytest.approx(0.5 / 190 * 1e5)
     assert r.publisher_cpu_per_100k == pytest.approx(1.0 / 300 * 1e5)
     assert r.observer_peak_rss_mb == pytest.approx(50.0)
+    assert r.observer_msgs_per_cpu_s == pytest.approx(190 / 0.5)
     assert r.timeline == [16.0, 16.0]
 
 

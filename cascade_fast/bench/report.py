@@ -49,7 +49,8 @@ def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
         "CPU s/100k: user+system CPU of the client processes from the start signal to the end of their work, "
         "per 100,000 messages (observer: received; publishers: sent). It includes the bench's own per-message "
         "work, the same for both connectors (building each event dict; the observer's sequence and latency "
-        "bookkeeping), so it understates the connectors' difference. Peak RSS: the largest process of each side "
+        "bookkeeping), so it understates the connectors' difference. Observer msgs per CPU-second: messages "
+        "received per second of observer CPU, what one observer would do with a core to itself. Peak RSS: the largest process of each side "
         "(VmHWM).",
     ]
 
@@ -121,6 +122,7 @@ _L = lambda key: (lambda r: r.latency_ms[key])  # noqa: E731
 # (label, getter, format, better) per row; a None row starts a section.
 _MAIN_ROWS = [
     ("delivered msgs/s", lambda r: r.throughput, "{:,.0f}", "higher"),
+    ("observer msgs per CPU-second", lambda r: r.observer_msgs_per_cpu_s, "{:,.0f}", "higher"),
     ("messages sent", lambda r: r.sent, "{:,}", None),
     ("messages delivered", lambda r: r.delivered, "{:,}", None),
     ("messages lost", lambda r: r.lost, "{:,}", "lower"),
