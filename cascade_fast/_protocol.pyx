@@ -568,9 +568,7 @@ cdef class Session:
         return None
 
     cdef int _check_topic(self, object topic) except -1:
-        if type(topic) is not str:
-            raise TypeError(f"topic must be str, not {type(topic).__name__}")
-        self.validate_topic(topic)
+        self.validate_topic(topic)  # ValueError naming the topic; TypeError for a non-str
         if len(self.topics_ok) >= _TOPIC_CACHE_SIZE:
             self.topics_ok.clear()
         self.topics_ok[topic] = True
