@@ -496,7 +496,7 @@ cdef class Session:
         else:
             data = self.encode_payload(payload)
         proto = self.proto
-        if proto is None:
+        if proto is None or proto.state != ST_CONNECTED:
             self.dropped += 1
             self.errlog.log("publish_dropped", _WARNING, "not connected: publish to %r dropped", topic)
             return None
@@ -549,7 +549,7 @@ cdef class Session:
                 data = self.encode_payload(payload)
             encoded.append((topic, data, 0, retain, None))
         proto = self.proto
-        if proto is None:
+        if proto is None or proto.state != ST_CONNECTED:
             self.dropped += len(encoded)
             if encoded:
                 self.errlog.log("publish_dropped", _WARNING, "not connected: %d publishes dropped", len(encoded))
