@@ -37,10 +37,19 @@ ctypedef struct _Node:
     bint used               # False while on the free list
 
 
+# A result-cache slot: the hash of a topic's UTF-8 bytes and its entry.
+ctypedef struct _CacheSlot:
+    uint64_t hash           # cf_hash of the topic's UTF-8 bytes
+    Py_ssize_t entry        # index into TopicTrie._cache_keys/_cache_results, -1 for an empty slot
+
+
 cdef class TopicTrie:
     cdef:
-        dict _cache          # topic -> list of values (shared, never mutated by callers)
-        Py_ssize_t _cache_size   # most topics kept in _cache; 0 disables caching
+        list _cache_keys     # cache entry -> topic str (append-only until the cache is reset)
+        list _cache_results  # cache entry -> result list (shared, never mutated by anyone)
+        _CacheSlot *_cache_table  # open addressing over the entries, NULL while the cache is empty
+        size_t _cache_mask   # table size - 1 (0 while the table is NULL)
+        Py_ssize_t _cache_size   # most topics cached before a reset; 0 disables caching
         list _empty          # the one shared result for topics matching nothing
         list _values         # node index -> list of the values ending there (never mutated: replaced), or None
         _Node *_nodes        # every node; index 0 is the root

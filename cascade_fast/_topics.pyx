@@ -10,11 +10,16 @@ ASCII str, which is its own UTF-8), 8 bytes at a time: one pass finds the
 end of a level and hashes it, and the node finds the child through a
 hand-written table of (hash tag, index) slots, then confirms with memcmp.
 
-Python objects stay owned by Python containers (`_values`, `_cache`), so the
-garbage collector sees every reference, and refcounts are handled by hand
-only when a merged result list is filled. A node's value list is never
-changed once built (add/remove build a new one), so a match that hits a
-single node shares that list as its cached result: no allocation at all.
+The result cache is a second hand-written table, keyed by a hash of the
+topic's UTF-8 bytes: a topic decoded from the network is a new str each
+time, and siphash plus dict upkeep would cost more than the walk itself.
+
+Python objects stay owned by Python lists (`_values`, `_cache_keys`,
+`_cache_results`), so the garbage collector sees every reference, and
+refcounts are handled by hand only when a merged result list is filled. A
+node's value list is never changed once built (add/remove build a new one),
+so a match that hits a single node shares that list as its cached result:
+no allocation at all.
 
 Lone surrogates in a topic str have no UTF-8; such a topic is encoded with
 "surrogatepass" for the walk, and since no valid filter contains those
@@ -22,7 +27,6 @@ bytes, a level with a surrogate matches only wildcards (as in the pure twin).
 """
 
 cimport cython
-from cpython.dict cimport PyDict_GetItemWithError, PyDict_SetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GetSlice
 from cpython.ref cimport PyObject, Py_INCREF
 from libc.stdint cimport UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
@@ -42,7 +46,6 @@ cdef extern from "Python.h":
     void PyErr_Clear()
     object PyList_New(Py_ssize_t size)
     void PyList_SET_ITEM_STEAL "PyList_SET_ITEM" (object lst, Py_ssize_t index, PyObject *item)
-    Py_ssize_t PyDict_GET_SIZE(object d)
     Py_ssize_t PY_SSIZE_T_MAX
 
 
@@ -70,7 +73,7 @@ cdef extern from *:
     }
 
     static inline uint64_t cf_tail(uint64_t h, const char *s, size_t k) {
-        /* k (0..8) bytes as one little-endian word, zero-padded */
+        /* k (0..8) bytes as one little-endian word, zero-padded; nothing for k == 0 */
         uint64_t w = 0;
         size_t i;
         if (!k) return h;
@@ -110,8 +113,41 @@ cdef extern from *:
             i += 8;
         }
     }
+
+    /* Bytes before the next '/' (or n): cf_level without the hash, for
+       nodes that have no literal child to look up. */
+    static inline size_t cf_span(const char *s, size_t n) {
+        size_t i = 0;
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        while (n - i >= 8) {
+            uint64_t w, v, t;
+            memcpy(&w, s + i, 8);
+            v = w ^ 0x2F2F2F2F2F2F2F2FULL;
+            t = (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
+            if (t) return i + ((size_t)__builtin_ctzll(t) >> 3);
+            i += 8;
+        }
+    #endif
+        while (i < n && s[i] != '/') i++;
+        return i;
+    }
+
+    /* A 64-bit hash of a whole topic's bytes, for the result cache. */
+    static inline uint64_t cf_hash(const char *s, size_t n) {
+        uint64_t h = 0x243F6A8885A308D3ULL;
+        size_t i = 0;
+        for (; n - i >= 8; i += 8) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            h = cf_mix(h, w);
+        }
+        h = cf_tail(h, s + i, n - i);
+        return cf_final(h, n);
+    }
     """
     uint64_t cf_level(const char *s, size_t n, size_t *len) nogil
+    size_t cf_span(const char *s, size_t n) nogil
+    uint64_t cf_hash(const char *s, size_t n) nogil
 
 
 cdef enum:
@@ -386,7 +422,10 @@ cdef class TopicTrie:
         self._free = -1
         _init_node(&self._nodes[0], -1)
         self._values = [None]
-        self._cache = {}
+        self._cache_keys = []
+        self._cache_results = []
+        self._cache_table = NULL
+        self._cache_mask = 0
         self._empty = []
         self._cache_size = DEFAULT_CACHE_SIZE
 
@@ -403,13 +442,15 @@ cdef class TopicTrie:
                     _release_node(&self._nodes[i])
             free(self._nodes)
             self._nodes = NULL
+        free(self._cache_table)
+        self._cache_table = NULL
 
     def __len__(self):
         """The number of ``(filter, value)`` pairs."""
         return self._count
 
     def __repr__(self):
-        return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache)}>"
+        return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache_keys)}>"
 
     @property
     def cache_size(self) -> int:
@@ -419,7 +460,7 @@ cdef class TopicTrie:
     @property
     def cached_topics(self) -> int:
         """How many topics have a cached result right now (for tests and stats)."""
-        return len(self._cache)
+        return len(self._cache_keys)
 
     def __reduce__(self):
         # Nodes are C memory; the pure twin refuses too, so both behave alike.
@@ -530,41 +571,109 @@ cdef class TopicTrie:
         return PyList_GetSlice(self.match_shared(topic), 0, PY_SSIZE_T_MAX)
 
     cdef list match_shared(self, str topic):
-        cdef PyObject *hit = PyDict_GetItemWithError(self._cache, topic)
-        if hit != NULL:
-            return <list>hit
-        result = _walk(self, topic)
-        if self._cache_size:
-            if PyDict_GET_SIZE(self._cache) >= self._cache_size:
-                # Every cached value is still in the trie: no finalizer runs here.
-                self._cache.clear()
-            PyDict_SetItem(self._cache, topic, result)
+        # The cache is keyed by the topic's UTF-8 bytes under cf_hash rather
+        # than a dict keyed by str: a topic decoded from the network is a new
+        # str each time, and siphash plus dict upkeep cost more than the walk.
+        cdef Py_ssize_t size
+        cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
+        cdef uint64_t h
+        cdef size_t j
+        cdef Py_ssize_t entry
+        cdef PyObject *key
+        cdef const char *key_data
+        cdef Py_ssize_t key_size
+        if data == NULL:
+            # Lone surrogates: no UTF-8 exists. Their "surrogatepass" bytes
+            # occur in no valid filter, so such a level matches only
+            # wildcards, as in the pure twin. Not cached (never from a broker).
+            PyErr_Clear()
+            encoded = topic.encode("utf-8", "surrogatepass")
+            return _walk(self, <bytes>encoded, len(<bytes>encoded))
+        if self._cache_size == 0:
+            return _walk(self, data, size)
+        h = cf_hash(data, <size_t>size)
+        if self._cache_table != NULL:
+            j = <size_t>h & self._cache_mask
+            while True:
+                entry = self._cache_table[j].entry
+                if entry < 0:
+                    break
+                if self._cache_table[j].hash == h:
+                    key = PyList_GET_ITEM(self._cache_keys, entry)
+                    if key == <PyObject *>topic:
+                        return <list>PyList_GET_ITEM(self._cache_results, entry)
+                    # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
+                    key_data = PyUnicode_AsUTF8AndSize(<object>key, &key_size)
+                    if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
+                        return <list>PyList_GET_ITEM(self._cache_results, entry)
+                j = (j + 1) & self._cache_mask
+        result = _walk(self, data, size)
+        _cache_insert(self, topic, h, result)
         return result
+
+
+cdef int _cache_insert(TopicTrie self, str topic, uint64_t h, list result) except -1:
+    """Remember `result` for `topic` (hash `h`), resetting the cache first when it is full."""
+    cdef Py_ssize_t entry = len(self._cache_keys)
+    cdef size_t size, j, k
+    cdef _CacheSlot *table
+    if entry >= self._cache_size:
+        # Full: start over. Every cached value is still in the trie, so
+        # dropping the old lists runs no finalizer.
+        _cache_reset(self)
+        entry = 0
+    if self._cache_table == NULL or <size_t>(entry + 1) * 2 > self._cache_mask + 1:
+        size = (self._cache_mask + 1) * 2 if self._cache_table != NULL else 64
+        table = <_CacheSlot *>malloc(size * sizeof(_CacheSlot))
+        if table == NULL:
+            raise MemoryError()
+        for j in range(size):
+            table[j].entry = -1
+        if self._cache_table != NULL:
+            for k in range(self._cache_mask + 1):  # rehash from the stored hashes
+                if self._cache_table[k].entry >= 0:
+                    j = <size_t>self._cache_table[k].hash & (size - 1)
+                    while table[j].entry >= 0:
+                        j = (j + 1) & (size - 1)
+                    table[j] = self._cache_table[k]
+            free(self._cache_table)
+        self._cache_table = table
+        self._cache_mask = size - 1
+    self._cache_keys.append(topic)
+    self._cache_results.append(result)
+    j = <size_t>h & self._cache_mask
+    while self._cache_table[j].entry >= 0:
+        j = (j + 1) & self._cache_mask
+    self._cache_table[j].hash = h
+    self._cache_table[j].entry = entry
+    return 0
+
+
+cdef int _cache_reset(TopicTrie self) except -1:
+    """Empty the cache and give its table back (it regrows with use)."""
+    free(self._cache_table)
+    self._cache_table = NULL
+    self._cache_mask = 0
+    self._cache_keys = []
+    self._cache_results = []
+    return 0
 
 
 cdef int _invalidate(TopicTrie self) except -1:
     """Drop every cached result (after an add/remove/clear).
 
-    Replaced rather than cleared: a finalizer run by dropping old results
-    then finds a valid, empty cache.
+    The old lists are let go only once the cache is consistent and empty,
+    so a finalizer they trigger may use the trie.
     """
-    if PyDict_GET_SIZE(self._cache):
-        old = self._cache
-        self._cache = {}
-        del old
+    if self._cache_keys:
+        old_keys, old_results = self._cache_keys, self._cache_results
+        _cache_reset(self)
+        del old_keys, old_results
     return 0
 
 
-cdef list _walk(TopicTrie self, str topic):
-    """Match `topic` against the trie: the shared empty list, a node's own list, or a new merged list."""
-    cdef Py_ssize_t size
-    cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
-    cdef object encoded
-    if data == NULL:
-        PyErr_Clear()  # lone surrogates (see the module docstring)
-        encoded = (<str>topic).encode("utf-8", "surrogatepass")
-        data = <bytes>encoded
-        size = len(<bytes>encoded)
+cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
+    """Match the topic whose UTF-8 bytes are `data`: the shared empty list, a node's own list, or a new merged one."""
     cdef const _Node *nodes = self._nodes
     cdef const _Node *node
     cdef _Step inline_stack[INLINE_STACK]
@@ -580,7 +689,7 @@ cdef list _walk(TopicTrie self, str topic):
     cdef int32_t index, child
     cdef Py_ssize_t start, following
     cdef size_t length
-    cdef uint64_t h
+    cdef uint64_t h = 0  # set by cf_level whenever it is read (node.kids_len != 0)
     cdef bint wild
     # MQTT 3.1.1 §4.7.2: wildcards at the first level skip "$" topics.
     cdef bint dollar = size > 0 and data[0] == b'$'
@@ -621,9 +730,12 @@ cdef list _walk(TopicTrie self, str topic):
                     found[nfound] = index
                     nfound += 1
                 continue
-            if node.kids_len == 0 and not (wild and node.plus >= 0):
-                continue  # nothing below can match; skip scanning the level
-            h = cf_level(data + start, <size_t>(size - start), &length)
+            if node.kids_len:
+                h = cf_level(data + start, <size_t>(size - start), &length)
+            elif wild and node.plus >= 0:
+                length = cf_span(data + start, <size_t>(size - start))  # no lookup: no hash
+            else:
+                continue  # nothing below this node can match
             following = start + <Py_ssize_t>length + 1
             if following > size:
                 following = -1  # that was the last level
