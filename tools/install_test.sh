@@ -15,9 +15,14 @@
 #    CASCADE_CONNECTOR=fast against a Mosquitto it starts on a free loopback
 #    port. Then the import tests (tests/test_extensions_loaded.py,
 #    tests/test_fallback.py) run against the installed wheel.
-# 3. Sdist leg: another fresh venv, the compiler available, `pip install
+# 3. Sdist leg (compiles in the background while 2 and 4 run): another
+#    fresh venv, the compiler available, `pip install
 #    <sdist>` builds from source (isolated build: scikit-build-core, Cython,
 #    cython-cmake from the pip cache or PyPI), then the same round trip.
+# 4. No wheel, no compiler: a third venv, no compiler reachable again,
+#    `CASCADE_FAST_NO_EXTENSIONS=1 pip install <sdist>` installs the pure
+#    Python packages; import works with EXTENSIONS_LOADED False, and
+#    CASCADE_CONNECTOR=fast fails with the switch's install-hint ImportError.
 #
 # Environment:
 #   PYTHON                   interpreter (default: python3)
@@ -27,7 +32,9 @@
 #   KEEP_WORK=1              keep the temporary venvs (path printed at the end)
 #   MOSQUITTO                the broker binary (default: found on PATH or /usr/sbin)
 # Dependencies (aiomqtt, orjson, uvloop, ...) come from the pip cache / PyPI as
-# binary wheels. Takes about a minute on a 2-core machine with a warm pip cache.
+# binary wheels. Takes 2-2.5 minutes on a 2-core machine with a warm pip cache
+# (most of it compiling the Cython core twice: for the wheel and from the sdist;
+# the second compile overlaps the wheel and no-compiler legs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -51,7 +58,10 @@ fail() { echo "install_test: FAILED: $*" >&2; exit 1; }
 quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cascade-fast-install-test.XXXXXX")
+SDIST_PID=
 cleanup() {
+  # Never leave the background sdist build running (nor delete its venv under it).
+  if [ -n "$SDIST_PID" ]; then wait "$SDIST_PID" 2>/dev/null || true; fi
   if [ "${KEEP_WORK:-0}" = 1 ]; then echo "install_test: kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -81,6 +91,25 @@ echo "wheel: $(basename "$WHEEL")"
 "$PY" -m zipfile -l "$WHEEL" | awk 'NR > 1 {print "  " $1}'
 "$PY" tools/check_dist.py --sdist "$SDIST" --wheel "$WHEEL" --require-manylinux --installable \
   || fail "artifact contents (see check_dist above)"
+
+# ---------------------------------------------------------------- sdist leg
+# Compiling the sdist is the slow part (about a minute): it runs in the
+# background while the wheel and no-compiler legs run, and its round trip
+# comes last.
+step "sdist leg: start building from source (fresh venv, compiler available) in the background"
+VS=$WORK/venv-sdist
+SRCENV=(env -u PYTHONPATH -u CASCADE_FAST_NO_EXTENSIONS PATH="$VS/bin:$PATH" PYTHONSAFEPATH=1
+        PYTHONNOUSERSITE=1 MOSQUITTO="$MOSQ" CASCADE_CONNECTOR="$CONNECTOR")
+sdist_build() {
+  local t0=$SECONDS rc=0
+  "$PY" -m venv "$VS" \
+    && quiet_pip "${SRCENV[@]}" "$VS/bin/python" -m pip install -q --prefer-binary "$SDIST" \
+    && "${SRCENV[@]}" "$VS/bin/python" -m pip check || rc=$?
+  echo "$((SECONDS - t0))" >"$WORK/sdist-build.seconds"
+  return $rc
+}
+sdist_build >"$WORK/sdist-build.log" 2>&1 &
+SDIST_PID=$!
 
 # ---------------------------------------------------------------- wheel leg
 step "wheel leg: fresh venv, no compiler reachable"
@@ -127,15 +156,41 @@ timed "pytest import/fallback tests" "${NOCC[@]}" "$VW/bin/python" -m pytest -p 
   "$ROOT/tests/test_extensions_loaded.py" "$ROOT/tests/test_fallback.py" \
   || fail "import tests against the installed wheel"
 
-# ---------------------------------------------------------------- sdist leg
-step "sdist leg: fresh venv, build from source with the compiler"
-VS=$WORK/venv-sdist
-timed "venv (sdist leg)" "$PY" -m venv "$VS"
-SRCENV=(env -u PYTHONPATH -u CASCADE_FAST_NO_EXTENSIONS PATH="$VS/bin:$PATH" PYTHONSAFEPATH=1
-        PYTHONNOUSERSITE=1 MOSQUITTO="$MOSQ" CASCADE_CONNECTOR="$CONNECTOR")
-timed "pip install sdist (compiles)" quiet_pip "${SRCENV[@]}" "$VS/bin/python" -m pip install -q --prefer-binary "$SDIST" \
-  || fail "building the sdist from source"
-"${SRCENV[@]}" "$VS/bin/python" -m pip check
+# ------------------------------------------------- no wheel, no compiler leg
+step "no wheel, no compiler: CASCADE_FAST_NO_EXTENSIONS=1 pip install <sdist>"
+VP=$WORK/venv-pure
+timed "venv (no-compiler sdist leg)" "$PY" -m venv "$VP"
+PURE=(env -u PYTHONPATH PATH="$VP/bin" CC=false CXX=false PYTHONSAFEPATH=1 PYTHONNOUSERSITE=1)
+# The isolated build env brings CMake and ninja from PyPI (none on this PATH);
+# with the option set, CMake enables no language, so no compiler is looked for.
+timed "pip install sdist (no extensions)" quiet_pip "${PURE[@]}" CASCADE_FAST_NO_EXTENSIONS=1 \
+  "$VP/bin/python" -m pip install -q --prefer-binary "$SDIST" || fail "the no-extension build of the sdist without a compiler"
+cd "$WORK"
+"${PURE[@]}" "$VP/bin/python" - <<'PURECHECK' || fail "the pure-Python install"
+"""Without compiled modules: import works on the twins, `fast` is refused with the install hint."""
+import os, pathlib, subprocess, sys
+import cascade_fast
+pkg = pathlib.Path(cascade_fast.__file__).parent
+assert pathlib.Path(sys.prefix).resolve() in pkg.resolve().parents, pkg
+assert not [p.name for p in pkg.iterdir() if p.suffix in (".so", ".pyd")], sorted(os.listdir(pkg))
+assert cascade_fast.EXTENSIONS_LOADED is False
+child = subprocess.run([sys.executable, "-c", "import cascade.connectors.mqtt"], capture_output=True, text=True,
+                       env=dict(os.environ, CASCADE_CONNECTOR="fast"), timeout=60)
+last = child.stderr.strip().splitlines()[-1] if child.stderr.strip() else ""
+assert child.returncode != 0 and last.startswith("ImportError: "), child.stderr
+assert "pip install --only-binary=:all: cascade-fast" in last, last
+print("pure install: EXTENSIONS_LOADED=False; CASCADE_CONNECTOR=fast ->", last[:110] + "...")
+PURECHECK
+cd "$ROOT"
+
+# ---------------------------------------------------------------- sdist leg, end
+step "sdist leg: wait for the build from source"
+sdist_rc=0
+wait "$SDIST_PID" || sdist_rc=$?
+SDIST_PID=
+cat "$WORK/sdist-build.log"
+TIMINGS+=("$(printf '%-34s %4ds' "venv + pip install sdist (compiles)" "$(cat "$WORK/sdist-build.seconds" 2>/dev/null || echo 0)")")
+[ "$sdist_rc" = 0 ] || fail "building the sdist from source (exit $sdist_rc)"
 
 step "sdist leg: round trip with CASCADE_CONNECTOR=$CONNECTOR"
 cd "$WORK"
