@@ -79,6 +79,7 @@ cdef class Session:
         public long long dropped         # publishes made while not connected
         public long long protocol_errors # connections closed for a protocol violation
         public long long resent          # PUBLISH/PUBREL re-sent after a reconnect (§4.4)
+        public long long reads           # data_received calls (reads vs received shows read batching)
 
     cpdef object publish(self, object topic, object payload, object qos=*, bint retain=*)
     cdef int _check_topic(self, object topic) except -1

@@ -779,6 +779,7 @@ cdef class MqttProtocol(PacketSink):
         # transport error. A malformed packet closes the connection and the
         # connector's supervisor reconnects.
         self.last_in = self.loop.time()
+        self.session.reads += 1
         try:
             self.decoder.feed_to(data, self)
         except ProtocolError as exc:

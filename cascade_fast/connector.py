@@ -547,6 +547,7 @@ class FastMqttConnector:
             "inflight": s.inflight_count,
             "backlog": s.backlog_count,
             "resent": s.resent,
+            "reads": s.reads,
             "paused": int(d.reading_paused),
             "pauses": d.pauses,
             "write_paused": int(proto is not None and proto.writing_paused),
