@@ -25,7 +25,7 @@ async def test_connect_to_a_closed_port_raises_promptly(connector_factory):
         started = loop.time()
         with pytest.raises((ConnectionError, OSError)):
             await asyncio.wait_for(connector.connect(), 5)
-        assert loop.time() - started < 2.0
+        assert loop.time() - started < 4.0  # refused at once; generous for a loaded CI machine
         assert connector.stats()["connected"] == 0
 
 
@@ -54,8 +54,8 @@ async def test_connect_times_out_when_the_broker_never_answers(connector_factory
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(connector.connect(), 5)
-        assert loop.time() - started < 2.0
+            await asyncio.wait_for(connector.connect(), 8)
+        assert loop.time() - started < 4.0  # 0.3 s + scheduling on a loaded machine
     finally:
         private_broker.resume()
     # The abandoned attempt left nothing behind: a new one just works.

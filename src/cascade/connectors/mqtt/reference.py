@@ -392,8 +392,22 @@ class _Engine:
             def register() -> None:
                 # Closed meanwhile: nothing to do. Written meanwhile (paho
                 # then unregistered already): a writer added now would spin.
-                if paho_client.socket() is sock and paho_client.want_write():
+                if paho_client.socket() is not sock or not paho_client.want_write():
+                    return
+                try:
                     loop.add_writer(sock.fileno(), on_writable)
+                except RuntimeError as exc:
+                    # uvloop: the descriptor's poll handle is dead (libuv
+                    # reports POLLERR as EBADF, uvloop closes the handle but
+                    # keeps it registered until remove_reader). The socket is
+                    # broken: close it, which also drops the dead handle, and
+                    # wake whoever waits on this connection.
+                    error = ConnectionError(f"socket poll failed: {exc}")
+                    paho_client._sock_close()
+                    for waiter in (client._connected, client._disconnected):
+                        if not waiter.done():
+                            waiter.set_exception(error)
+                            break
 
             loop.call_soon_threadsafe(register)
 
@@ -418,14 +432,19 @@ class _Engine:
                 return_code = int(code or 0)
             raise ConnectRefusedError(return_code) from None
         except MqttError as exc:
+            # aiomqtt leaves the socket open when CONNACK does not come in
+            # time, or when sending CONNECT failed after the TCP connect (a
+            # broker going down); its reader stays registered on the loop, and
+            # once the socket is garbage collected a new connection reusing
+            # the descriptor number finds a dead poll handle (uvloop: "the
+            # handler is closed"). Close it here, whatever went wrong.
+            self._close_hard(client)
             # aiomqtt raises MqttError(str(os_error)) from None; the OSError
             # (ConnectionRefusedError, socket timeout, DNS failure) is kept in
             # __context__ and is what the contract promises the caller.
             cause = exc.__context__
             if isinstance(cause, OSError):
                 raise cause from None
-            # No CONNACK in time: aiomqtt leaves the socket open.
-            self._close_hard(client)
             if "timed out" in str(exc):
                 raise TimeoutError(
                     f"no CONNACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s"
