@@ -29,14 +29,14 @@ bytes, a level with a surrogate matches only wildcards (as in the pure twin).
 cimport cython
 from cpython.list cimport PyList_GET_ITEM, PyList_GetSlice
 from cpython.ref cimport PyObject, Py_INCREF
-from libc.stdint cimport UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, qsort, realloc
-from libc.string cimport memcmp, memcpy
+from libc.stdint cimport UINT32_MAX, int32_t, int64_t, uint32_t, uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 from cascade_fast._debug cimport CASCADE_FAST_DEBUG
 
 from cascade_fast._topics_py import DEFAULT_CACHE_SIZE
-from cascade_fast._topics_py import _matching_filter
+from cascade_fast._topics_py import _MAX_CACHE_SIZE, _matching_filter
 
 
 cdef extern from "Python.h":
@@ -151,7 +151,6 @@ cdef extern from *:
 
 
 cdef enum:
-    SMALL_KIDS = 4        # up to this many literal children: a dense slot array scanned in order
     INLINE_STACK = 64     # walk stack entries before it moves to the heap
     INLINE_FOUND = 32     # matched nodes before the list moves to the heap
     INLINE_PAIRS = 64     # (seq, value) pairs merged on the C stack
@@ -167,27 +166,32 @@ ctypedef struct _Pair:
 
 
 cdef inline const char *_key(const _Node *node) noexcept nogil:
-    if node.key != NULL:
-        return node.key
-    return node.inline_key
+    if node.keylen <= _INLINE_KEY:
+        return node.key.bytes_
+    return node.key.heap
 
 
 cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *s, uint32_t n,
                            uint64_t h) noexcept nogil:
-    """The literal child of `parent` whose level is the `n` bytes at `s` (hash `h`), or -1."""
+    """The literal child of `parent` whose level is the `n` bytes at `s`, or -1.
+
+    `h` (cf_level's hash of the level) is only read when the children are in
+    a table; inline children are compared directly, so the walk hashes a
+    level only at nodes with many children.
+    """
     cdef uint32_t tag = <uint32_t>(h >> 32)
     cdef uint32_t k, j
     cdef int32_t c
     cdef const _Node *node
-    cdef const _Slot *slots = parent.slots
+    cdef const _Slot *slots
     if parent.table_mask == 0:
         for k in range(parent.kids_len):
-            if slots[k].tag == tag:
-                c = slots[k].index
-                node = &nodes[c]
-                if node.keylen == n and memcmp(_key(node), s, n) == 0:
-                    return c
+            c = parent.inline_slots[k].index
+            node = &nodes[c]
+            if node.keylen == n and memcmp(_key(node), s, n) == 0:
+                return c
         return -1
+    slots = parent.slots
     j = <uint32_t>h & parent.table_mask
     while True:
         c = slots[j].index
@@ -200,71 +204,67 @@ cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *
         j = (j + 1) & parent.table_mask
 
 
-cdef int _set_slots(_Node *nodes, int32_t index, int32_t skip, uint32_t room) except -1:
-    """Rebuild node `index`'s child slots, leaving out child `skip`, sized for `room` more.
+cdef int _set_slots(TopicTrie trie, int32_t index, int32_t skip, uint32_t room) except -1:
+    """Re-lay node `index`'s literal children without child `skip`, with room for `room` more.
 
-    Dense while the children (plus room) are few, else a table.
+    Inline while they fit in the node, else a table at most half full.
     """
-    cdef _Node *parent = &nodes[index]
-    cdef _Slot *old = parent.slots
-    cdef uint32_t old_len = parent.table_mask + 1 if parent.table_mask else parent.kids_len
-    cdef uint32_t count = 0
-    cdef uint32_t size, k, j, mask
-    cdef _Slot *slots
+    cdef _Node *parent = &trie._nodes[index]
+    cdef _Slot inline_copy[_INLINE_SLOTS]
+    cdef const _Slot *old
+    cdef uint32_t old_len, count = 0, size = 16, k, j, mask
+    cdef _Slot *table = NULL
+    if parent.table_mask == 0:
+        memcpy(inline_copy, parent.inline_slots, sizeof(inline_copy))
+        old = inline_copy
+        old_len = parent.kids_len
+    else:
+        old = parent.slots
+        old_len = parent.table_mask + 1
     for k in range(old_len):
         if old[k].index >= 0 and old[k].index != skip:
             count += 1
-    if count + room <= SMALL_KIDS:
-        size = SMALL_KIDS
-        mask = 0
-    else:
-        size = 16
-        while size < (count + room) * 2:  # load factor <= 1/2 keeps probes short
+    if count + room > _INLINE_SLOTS:
+        while size < (count + room) * 2:
             size <<= 1
-        mask = size - 1
-    slots = <_Slot *>malloc(size * sizeof(_Slot))
-    if slots == NULL:
-        raise MemoryError()
-    for j in range(size):
-        slots[j].index = -1
-        slots[j].tag = 0
+        table = <_Slot *>malloc(size * sizeof(_Slot))
+        if table == NULL:
+            raise MemoryError()
+        for j in range(size):
+            table[j].index = -1
+            table[j].tag = 0
+    mask = size - 1
     count = 0
     for k in range(old_len):
         if old[k].index < 0 or old[k].index == skip:
             continue
-        if mask == 0:
-            slots[count] = old[k]
+        if table == NULL:
+            parent.inline_slots[count] = old[k]
         else:
-            j = <uint32_t>nodes[old[k].index].khash & mask
-            while slots[j].index >= 0:
+            j = <uint32_t>trie._cold[old[k].index].khash & mask
+            while table[j].index >= 0:
                 j = (j + 1) & mask
-            slots[j] = old[k]
+            table[j] = old[k]
         count += 1
-    free(old)
-    parent.slots = slots
-    parent.slots_cap = size
-    parent.table_mask = mask
+    free(parent.slots)  # the old table, if any (`old` is not read after this)
+    parent.slots = table
+    parent.table_mask = mask if table != NULL else 0
     parent.kids_len = count
     return 0
 
 
-cdef int _attach(_Node *nodes, int32_t parent_index, int32_t child_index) except -1:
+cdef int _attach(TopicTrie trie, int32_t parent_index, int32_t child_index) except -1:
     """Register literal node `child_index` (key and khash set) as a child of `parent_index`."""
-    cdef _Node *parent = &nodes[parent_index]
-    cdef uint64_t h = nodes[child_index].khash
+    cdef _Node *parent = &trie._nodes[parent_index]
+    cdef uint64_t h = trie._cold[child_index].khash
     cdef uint32_t j
-    if parent.table_mask == 0 and parent.kids_len < SMALL_KIDS:
-        if parent.slots == NULL:
-            parent.slots = <_Slot *>malloc(SMALL_KIDS * sizeof(_Slot))
-            if parent.slots == NULL:
-                raise MemoryError()
-            parent.slots_cap = SMALL_KIDS
-        parent.slots[parent.kids_len].tag = <uint32_t>(h >> 32)
-        parent.slots[parent.kids_len].index = child_index
+    if parent.table_mask == 0 and parent.kids_len < _INLINE_SLOTS:
+        parent.inline_slots[parent.kids_len].tag = <uint32_t>(h >> 32)
+        parent.inline_slots[parent.kids_len].index = child_index
         parent.kids_len += 1
         return 0
     if parent.table_mask == 0 or (parent.kids_len + 1) * 2 > parent.table_mask + 1:
-        _set_slots(nodes, parent_index, -1, 1)  # grow into (a bigger) table first
+        _set_slots(trie, parent_index, -1, 1)  # into a (bigger) table first
     j = <uint32_t>h & parent.table_mask
     while parent.slots[j].index >= 0:
         j = (j + 1) & parent.table_mask
@@ -274,57 +274,66 @@ cdef int _attach(_Node *nodes, int32_t parent_index, int32_t child_index) except
     return 0
 
 
-cdef int _detach(_Node *nodes, int32_t child_index) except -1:
+cdef int _detach(TopicTrie trie, int32_t child_index) except -1:
     """Unlink node `child_index` from its parent (literal, '+' or '#')."""
-    cdef int32_t parent_index = nodes[child_index].parent
-    cdef _Node *parent = &nodes[parent_index]
+    cdef int32_t parent_index = trie._cold[child_index].parent
+    cdef _Node *parent = &trie._nodes[parent_index]
     if parent.plus == child_index:
         parent.plus = -1
     elif parent.hash == child_index:
         parent.hash = -1
     else:
-        # Linear probing cannot just blank a slot, and removals are rare: rebuild.
-        _set_slots(nodes, parent_index, child_index, 0)
+        # Linear probing cannot just blank a slot, and removals are rare: re-lay.
+        _set_slots(trie, parent_index, child_index, 0)
     return 0
 
 
-cdef void _init_node(_Node *node, int32_t parent) noexcept nogil:
-    memset_node(node)
-    node.parent = parent
-    node.plus = -1
-    node.hash = -1
-    node.used = True
+cdef void _init_node(TopicTrie trie, int32_t index, int32_t parent) noexcept nogil:
+    memset(&trie._nodes[index], 0, sizeof(_Node))
+    memset(&trie._cold[index], 0, sizeof(_NodeCold))
+    trie._nodes[index].plus = -1
+    trie._nodes[index].hash = -1
+    trie._cold[index].parent = parent
+    trie._cold[index].used = True
 
 
-cdef inline void memset_node(_Node *node) noexcept nogil:
-    node.keylen = 0
-    node.kids_len = 0
-    node.table_mask = 0
-    node.nvalues = 0
-    node.slots = NULL
-    node.key = NULL
-    node.khash = 0
-    node.seqs = NULL
-    node.seqs_cap = 0
-    node.slots_cap = 0
-
-
-cdef void _release_node(_Node *node) noexcept nogil:
+cdef void _release_node(TopicTrie trie, int32_t index) noexcept nogil:
     """Free a node's own allocations (not its children's) and mark it unused."""
-    free(node.key)
+    cdef _Node *node = &trie._nodes[index]
+    if node.keylen > _INLINE_KEY:
+        free(node.key.heap)
     free(node.slots)
-    free(node.seqs)
-    node.key = NULL
-    node.slots = NULL
-    node.seqs = NULL
-    node.used = False
+    free(trie._cold[index].seqs)
+    memset(node, 0, sizeof(_Node))
+    trie._cold[index].seqs = NULL
+    trie._cold[index].used = False
+
+
+cdef int _grow_nodes(TopicTrie trie, int32_t capacity) except -1:
+    """Move the node arrays to room for `capacity` nodes (the hot one 64-byte aligned)."""
+    cdef void *block = malloc(<size_t>capacity * sizeof(_Node) + 63)
+    cdef _NodeCold *cold
+    cdef _Node *nodes
+    if block == NULL:
+        raise MemoryError()
+    cold = <_NodeCold *>realloc(trie._cold, <size_t>capacity * sizeof(_NodeCold))
+    if cold == NULL:
+        free(block)
+        raise MemoryError()
+    trie._cold = cold
+    nodes = <_Node *>((<uintptr_t>block + 63) & ~(<uintptr_t>63))
+    if trie._nodes != NULL:
+        memcpy(nodes, trie._nodes, <size_t>trie._nnodes * sizeof(_Node))
+    free(trie._nodes_block)
+    trie._nodes_block = block
+    trie._nodes = nodes
+    trie._capacity = capacity
+    return 0
 
 
 cdef int32_t _new_node(TopicTrie trie, int32_t parent, const char *key, size_t keylen, uint64_t khash) except -1:
     """A fresh node under `parent`, holding a copy of `key` when `key` is not NULL. May move trie._nodes."""
     cdef int32_t index
-    cdef int32_t capacity
-    cdef _Node *nodes
     cdef _Node *node
     cdef char *copy = NULL
     if keylen > _INLINE_KEY:
@@ -335,32 +344,27 @@ cdef int32_t _new_node(TopicTrie trie, int32_t parent, const char *key, size_t k
     try:
         if trie._free >= 0:
             index = trie._free
-            trie._free = trie._nodes[index].parent
+            trie._free = trie._cold[index].parent
         else:
             if trie._nnodes == trie._capacity:
                 if trie._capacity >= 0x20000000:
                     raise MemoryError("TopicTrie has too many nodes")
-                capacity = trie._capacity * 2
-                nodes = <_Node *>realloc(trie._nodes, <size_t>capacity * sizeof(_Node))
-                if nodes == NULL:
-                    raise MemoryError()
-                trie._nodes = nodes
-                trie._capacity = capacity
+                _grow_nodes(trie, trie._capacity * 2)
             trie._values.append(None)  # this node's slot in _values
             index = trie._nnodes
             trie._nnodes += 1
     except BaseException:
         free(copy)
         raise
+    _init_node(trie, index, parent)
     node = &trie._nodes[index]
-    _init_node(node, parent)
     if key != NULL:
         node.keylen = <uint32_t>keylen
-        node.khash = khash
+        trie._cold[index].khash = khash
         if copy != NULL:
-            node.key = copy
+            node.key.heap = copy
         else:
-            memcpy(node.inline_key, key, keylen)
+            memcpy(node.key.bytes_, key, keylen)
     return index
 
 
@@ -387,7 +391,7 @@ cdef int32_t _find_or_create(TopicTrie trie, const char *pattern, size_t size, b
             child = _child(trie._nodes, &trie._nodes[index], pattern + start, <uint32_t>length, h)
             if child < 0 and create:
                 child = _new_node(trie, index, pattern + start, length, h)
-                _attach(trie._nodes, index, child)
+                _attach(trie, index, child)
         if child < 0:
             return -1
         index = child
@@ -414,13 +418,14 @@ cdef class TopicTrie:
     """
 
     def __cinit__(self, *args, **kwargs):
-        self._nodes = <_Node *>malloc(16 * sizeof(_Node))
-        if self._nodes == NULL:
-            raise MemoryError()
-        self._capacity = 16
+        self._nodes = NULL
+        self._cold = NULL
+        self._nodes_block = NULL
+        self._nnodes = 0
+        _grow_nodes(self, 16)
         self._nnodes = 1
         self._free = -1
-        _init_node(&self._nodes[0], -1)
+        _init_node(self, 0, -1)
         self._values = [None]
         self._cache_keys = []
         self._cache_results = []
@@ -430,18 +435,21 @@ cdef class TopicTrie:
         self._cache_size = DEFAULT_CACHE_SIZE
 
     def __init__(self, cache_size=DEFAULT_CACHE_SIZE):
-        if not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be an int >= 0, not {cache_size!r}")
+        if not isinstance(cache_size, int) or not 0 <= cache_size <= _MAX_CACHE_SIZE:
+            raise ValueError(f"cache_size must be an int from 0 to 2**30, not {cache_size!r}")
         self._cache_size = cache_size
 
     def __dealloc__(self):
         cdef int32_t i
         if self._nodes != NULL:
             for i in range(self._nnodes):
-                if self._nodes[i].used:
-                    _release_node(&self._nodes[i])
-            free(self._nodes)
-            self._nodes = NULL
+                if self._cold[i].used:
+                    _release_node(self, i)
+        free(self._nodes_block)
+        free(self._cold)
+        self._nodes_block = NULL
+        self._nodes = NULL
+        self._cold = NULL
         free(self._cache_table)
         self._cache_table = NULL
 
@@ -475,23 +483,26 @@ cdef class TopicTrie:
         cdef bytes pattern = (<str>_matching_filter(topic_filter)).encode("utf-8")
         cdef int32_t index = _find_or_create(self, pattern, len(pattern), True)
         cdef _Node *node = &self._nodes[index]
+        cdef _NodeCold *cold = &self._cold[index]
         cdef uint32_t cap
         cdef int64_t *seqs
         if node.nvalues == UINT32_MAX:
             raise OverflowError("too many values under one topic filter")
-        if node.nvalues == node.seqs_cap:
-            cap = node.seqs_cap * 2 if node.seqs_cap else 1
-            seqs = <int64_t *>realloc(node.seqs, <size_t>cap * sizeof(int64_t))
+        if node.nvalues == cold.seqs_cap:
+            cap = cold.seqs_cap * 2 if cold.seqs_cap else 1
+            seqs = <int64_t *>realloc(cold.seqs, <size_t>cap * sizeof(int64_t))
             if seqs == NULL:
                 raise MemoryError()
-            node.seqs = seqs
-            node.seqs_cap = cap
+            cold.seqs = seqs
+            cold.seqs_cap = cap
         # A new list, never an append: the old one may be a cached result or
         # be held by a match_shared caller.
         old = self._values[index]
-        self._values[index] = [value] if old is None else (<list>old) + [value]
+        new = [value] if old is None else (<list>old) + [value]
+        self._values[index] = new
+        node.values = <PyObject *>new  # _values owns it
         self._seq += 1
-        node.seqs[node.nvalues] = self._seq
+        cold.seqs[node.nvalues] = self._seq
         node.nvalues += 1
         self._count += 1
         self._generation += 1
@@ -510,6 +521,7 @@ cdef class TopicTrie:
         cdef Py_ssize_t position = 0
         cdef int32_t parent
         cdef _Node *node
+        cdef int64_t *seqs
         if index < 0 or self._values[index] is None:
             return False
         values = self._values[index]
@@ -524,20 +536,23 @@ cdef class TopicTrie:
             raise RuntimeError("TopicTrie changed during remove() (by a value's __eq__)")
         node = &self._nodes[index]
         node.nvalues -= 1
-        memcpy(&node.seqs[position], &node.seqs[position + 1], <size_t>(node.nvalues - position) * sizeof(int64_t))
+        seqs = self._cold[index].seqs
+        memmove(&seqs[position], &seqs[position + 1], <size_t>(node.nvalues - position) * sizeof(int64_t))
         # `values` and `candidate` stay referenced until we return, so no
         # finalizer runs while the structure is half updated.
-        self._values[index] = (<list>values)[:position] + (<list>values)[position + 1:] if node.nvalues else None
+        new = (<list>values)[:position] + (<list>values)[position + 1:] if node.nvalues else None
+        self._values[index] = new
+        node.values = <PyObject *>new if new is not None else NULL  # _values owns it
         self._count -= 1
         self._generation += 1
         while index != 0:
             node = &self._nodes[index]
             if node.nvalues or node.kids_len or node.plus >= 0 or node.hash >= 0:
                 break
-            parent = node.parent
-            _detach(self._nodes, index)
-            _release_node(&self._nodes[index])
-            self._nodes[index].parent = self._free
+            parent = self._cold[index].parent
+            _detach(self, index)
+            _release_node(self, index)
+            self._cold[index].parent = self._free
             self._free = index
             index = parent
         _invalidate(self)
@@ -547,11 +562,11 @@ cdef class TopicTrie:
         """Remove every pair (and the cache)."""
         cdef int32_t i
         for i in range(self._nnodes):
-            if self._nodes[i].used:
-                _release_node(&self._nodes[i])
+            if self._cold[i].used:
+                _release_node(self, i)
         self._nnodes = 1
         self._free = -1
-        _init_node(&self._nodes[0], -1)
+        _init_node(self, 0, -1)
         self._count = 0
         self._generation += 1
         old_values = self._values
@@ -576,9 +591,9 @@ cdef class TopicTrie:
         # str each time, and siphash plus dict upkeep cost more than the walk.
         cdef Py_ssize_t size
         cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
-        cdef uint64_t h
-        cdef size_t j
-        cdef Py_ssize_t entry
+        cdef uint32_t tag
+        cdef uint32_t j
+        cdef uint32_t entry
         cdef PyObject *key
         cdef const char *key_data
         cdef Py_ssize_t key_size
@@ -591,49 +606,48 @@ cdef class TopicTrie:
             return _walk(self, <bytes>encoded, len(<bytes>encoded))
         if self._cache_size == 0:
             return _walk(self, data, size)
-        h = cf_hash(data, <size_t>size)
+        tag = <uint32_t>(cf_hash(data, <size_t>size) >> 32)
         if self._cache_table != NULL:
-            j = <size_t>h & self._cache_mask
+            j = tag & self._cache_mask
             while True:
                 entry = self._cache_table[j].entry
-                if entry < 0:
+                if entry == 0:
                     break
-                if self._cache_table[j].hash == h:
-                    key = PyList_GET_ITEM(self._cache_keys, entry)
+                if self._cache_table[j].tag == tag:
+                    key = PyList_GET_ITEM(self._cache_keys, entry - 1)
                     if key == <PyObject *>topic:
-                        return <list>PyList_GET_ITEM(self._cache_results, entry)
+                        return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
                     # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
                     key_data = PyUnicode_AsUTF8AndSize(<object>key, &key_size)
                     if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
-                        return <list>PyList_GET_ITEM(self._cache_results, entry)
+                        return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
                 j = (j + 1) & self._cache_mask
         result = _walk(self, data, size)
-        _cache_insert(self, topic, h, result)
+        _cache_insert(self, topic, tag, result)
         return result
 
 
-cdef int _cache_insert(TopicTrie self, str topic, uint64_t h, list result) except -1:
-    """Remember `result` for `topic` (hash `h`), resetting the cache first when it is full."""
+cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result) except -1:
+    """Remember `result` for `topic` (hash tag `tag`), resetting the cache first when it is full."""
     cdef Py_ssize_t entry = len(self._cache_keys)
-    cdef size_t size, j, k
+    cdef uint32_t size, j, k
     cdef _CacheSlot *table
     if entry >= self._cache_size:
         # Full: start over. Every cached value is still in the trie, so
         # dropping the old lists runs no finalizer.
         _cache_reset(self)
         entry = 0
-    if self._cache_table == NULL or <size_t>(entry + 1) * 2 > self._cache_mask + 1:
+    if self._cache_table == NULL or <size_t>(entry + 1) * 2 > <size_t>self._cache_mask + 1:
+        # Grow (or start) the table, at most half full; calloc: all slots empty.
         size = (self._cache_mask + 1) * 2 if self._cache_table != NULL else 64
-        table = <_CacheSlot *>malloc(size * sizeof(_CacheSlot))
+        table = <_CacheSlot *>calloc(size, sizeof(_CacheSlot))
         if table == NULL:
             raise MemoryError()
-        for j in range(size):
-            table[j].entry = -1
         if self._cache_table != NULL:
-            for k in range(self._cache_mask + 1):  # rehash from the stored hashes
-                if self._cache_table[k].entry >= 0:
-                    j = <size_t>self._cache_table[k].hash & (size - 1)
-                    while table[j].entry >= 0:
+            for k in range(self._cache_mask + 1):  # re-place by the stored tags
+                if self._cache_table[k].entry:
+                    j = self._cache_table[k].tag & (size - 1)
+                    while table[j].entry:
                         j = (j + 1) & (size - 1)
                     table[j] = self._cache_table[k]
             free(self._cache_table)
@@ -641,11 +655,11 @@ cdef int _cache_insert(TopicTrie self, str topic, uint64_t h, list result) excep
         self._cache_mask = size - 1
     self._cache_keys.append(topic)
     self._cache_results.append(result)
-    j = <size_t>h & self._cache_mask
-    while self._cache_table[j].entry >= 0:
+    j = tag & self._cache_mask
+    while self._cache_table[j].entry:
         j = (j + 1) & self._cache_mask
-    self._cache_table[j].hash = h
-    self._cache_table[j].entry = entry
+    self._cache_table[j].tag = tag
+    self._cache_table[j].entry = <uint32_t>entry + 1
     return 0
 
 
@@ -689,7 +703,7 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
     cdef int32_t index, child
     cdef Py_ssize_t start, following
     cdef size_t length
-    cdef uint64_t h = 0  # set by cf_level whenever it is read (node.kids_len != 0)
+    cdef uint64_t h = 0  # set by cf_level whenever _child reads it (node.table_mask != 0)
     cdef bint wild
     # MQTT 3.1.1 §4.7.2: wildcards at the first level skip "$" topics.
     cdef bint dollar = size > 0 and data[0] == b'$'
@@ -730,10 +744,10 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
                     found[nfound] = index
                     nfound += 1
                 continue
-            if node.kids_len:
+            if node.table_mask:
                 h = cf_level(data + start, <size_t>(size - start), &length)
-            elif wild and node.plus >= 0:
-                length = cf_span(data + start, <size_t>(size - start))  # no lookup: no hash
+            elif node.kids_len or (wild and node.plus >= 0):
+                length = cf_span(data + start, <size_t>(size - start))  # no table lookup: no hash
             else:
                 continue  # nothing below this node can match
             following = start + <Py_ssize_t>length + 1
@@ -770,7 +784,7 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
         return self._empty
     if nfound == 1:
         # One node: its list is in add() order and never changes; share it.
-        return <list>PyList_GET_ITEM(self._values, found[0])
+        return <list>self._nodes[found[0]].values
     for i in range(nfound):
         total += self._nodes[found[i]].nvalues
     if total > INLINE_PAIRS:
@@ -781,11 +795,11 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
         k = 0
         for i in range(nfound):
             node = &self._nodes[found[i]]
-            values = PyList_GET_ITEM(self._values, found[i])
+            values = node.values
             if CASCADE_FAST_DEBUG:
                 assert len(<list>values) == node.nvalues, "node value count out of step with its list"
             for j in range(node.nvalues):
-                pairs[k].seq = node.seqs[j]
+                pairs[k].seq = self._cold[found[i]].seqs[j]
                 pairs[k].value = PyList_GET_ITEM(<object>values, j)
                 k += 1
         if total <= 16:

@@ -39,6 +39,9 @@ __all__ = ["DEFAULT_CACHE_SIZE", "TopicTrie", "filter_matches", "validate_filter
 #: Cascade telemetry topic), so the default caps the cache near 16 MiB.
 DEFAULT_CACHE_SIZE = 65536
 
+# The compiled twin numbers cache entries in 32 bits; both twins share the bound.
+_MAX_CACHE_SIZE = 1 << 30
+
 # MQTT 3.1.1 §1.5.3: a UTF-8 encoded string is prefixed by a 16-bit length.
 _MAX_BYTES = 65535
 _SHARE = "$share"
@@ -218,8 +221,8 @@ class TopicTrie:
     __slots__ = ("_cache", "_cache_size", "_count", "_empty", "_generation", "_root", "_seq")
 
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
-        if not isinstance(cache_size, int) or cache_size < 0:
-            raise ValueError(f"cache_size must be an int >= 0, not {cache_size!r}")
+        if not isinstance(cache_size, int) or not 0 <= cache_size <= _MAX_CACHE_SIZE:
+            raise ValueError(f"cache_size must be an int from 0 to 2**30, not {cache_size!r}")
         self._cache_size = cache_size
         self._cache: dict[str, list[Any]] = {}
         self._root = _Node(None, "")

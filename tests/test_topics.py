@@ -426,9 +426,9 @@ def test_cache_size_zero_disables_the_cache(Trie: Any):
     assert trie.cached_topics == 0
 
 
-@pytest.mark.parametrize("bad", [-1, 1.5, "8", None])
+@pytest.mark.parametrize("bad", [-1, 1.5, "8", None, 2**30 + 1])
 def test_cache_size_must_be_a_non_negative_int(Trie: Any, bad: Any):
-    """A cache_size that is not an int >= 0 is a ValueError naming it."""
+    """A cache_size that is not an int from 0 to 2**30 is a ValueError naming it."""
     with pytest.raises(ValueError, match="cache_size"):
         Trie(cache_size=bad)
 
