@@ -116,6 +116,9 @@ cdef class MqttProtocol(PacketSink):
         double last_in               # loop.time() of the last bytes received
         double last_out              # loop.time() of the last bytes written
         double ping_sent             # loop.time() of the unanswered PINGREQ, 0 if none
+        double read_coalesce         # seconds to stop reading after a small read (0 = off)
+        Py_ssize_t coalesce_below    # a read shorter than this many bytes is "small"
+        object coalesce_handle       # TimerHandle that resumes reading, or None
         object errlog
         object logger
         readonly object close_reason # why we closed the connection (exception), or None

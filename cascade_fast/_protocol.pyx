@@ -731,7 +731,8 @@ cdef class MqttProtocol(PacketSink):
     """One connection to the broker: the MQTT 3.1.1 client state machine."""
 
     def __init__(self, loop, Session session, Dispatcher dispatcher, TopicTrie trie, bytes connect_packet, *,
-                 double keepalive, Py_ssize_t write_batch=65536, max_packet_size=None, errlog, logger):
+                 double keepalive, Py_ssize_t write_batch=65536, max_packet_size=None,
+                 double read_coalesce=0.0, Py_ssize_t coalesce_below=16384, errlog, logger):
         self.loop = loop
         self.session = session
         self.dispatcher = dispatcher
@@ -739,6 +740,8 @@ cdef class MqttProtocol(PacketSink):
         self.connect_packet = connect_packet
         self.keepalive = keepalive
         self.write_batch = write_batch
+        self.read_coalesce = read_coalesce
+        self.coalesce_below = coalesce_below
         self.errlog = errlog
         self.logger = logger
         self.decoder = _codec.Decoder() if max_packet_size is None else _codec.Decoder(max_packet_size=max_packet_size)
@@ -790,6 +793,27 @@ cdef class MqttProtocol(PacketSink):
             self.session.protocol_errors += 1
             self.errlog.log("protocol_error", _ERROR, "unexpected error while reading from the broker, reconnecting: %r", exc, exc_info=exc)
             self._abort(exc)
+            return
+        if self.read_coalesce > 0 and len(data) < self.coalesce_below and self.coalesce_handle is None:
+            # Read coalescing: a broker that writes every PUBLISH on its own
+            # makes a reader that keeps up pay a wakeup and a read per one or
+            # two messages. Waiting `read_coalesce` seconds lets the kernel
+            # gather the next ones into one read (latency for CPU).
+            if self.transport is not None and self.state == ST_CONNECTED:
+                self.transport.pause_reading()
+                self.coalesce_handle = self.loop.call_later(self.read_coalesce, self._coalesce_resume)
+
+    def _coalesce_resume(self):
+        cdef Dispatcher d = self.dispatcher
+        self.coalesce_handle = None
+        if self.transport is None:
+            return
+        if d.reading_paused and d.reader is self:
+            return  # backpressure holds reading; the dispatcher resumes it
+        try:
+            self.transport.resume_reading()
+        except Exception as exc:  # closing under us
+            self.logger.debug("resume_reading failed: %r", exc)
 
     def eof_received(self):
         # The broker closed its side; MQTT has no half-close, so close ours.
@@ -802,6 +826,9 @@ cdef class MqttProtocol(PacketSink):
         if self.ka_handle is not None:
             self.ka_handle.cancel()
             self.ka_handle = None
+        if self.coalesce_handle is not None:
+            self.coalesce_handle.cancel()
+            self.coalesce_handle = None
         self.wbuf = bytearray()
         self.session.detach(self)
         self.dispatcher.detach_reader(self)

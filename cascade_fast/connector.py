@@ -48,6 +48,15 @@ Implementation-specific options (keyword arguments):
 ``write_batch_size`` (64 KiB)
     Publishes made in one loop iteration are written with one
     ``transport.write``; the batch is written at once when it grows past this.
+``read_coalesce`` (0: off) / ``read_coalesce_below`` (16 KiB)
+    After a read shorter than ``read_coalesce_below`` bytes, stop reading
+    for ``read_coalesce`` seconds so the next messages arrive in one read.
+    Mosquitto writes each PUBLISH on its own; a subscriber that keeps up
+    then pays a wakeup and a read per message or two, which costs more CPU
+    than the message. ``0.001`` trades at most ~1 ms of latency for tens of
+    times fewer reads under a flood (measured: 5.4 -> 1.4 us of CPU per
+    message through Mosquitto); it has no effect on large reads. uvloop
+    timers have 1 ms resolution: smaller values round to 0 or 1 ms there.
 ``max_packet_size`` (codec default)
     Larger packets from the broker are a protocol error (connection closed).
 """
@@ -93,6 +102,8 @@ _DEFAULTS: dict[str, Any] = {
     "write_buffer_limit": 1 << 20,
     "write_batch_size": 1 << 16,
     "max_packet_size": None,
+    "read_coalesce": 0.0,
+    "read_coalesce_below": 16384,
 }
 
 
@@ -352,6 +363,8 @@ class FastMqttConnector:
             keepalive=float(self._keepalive or 0),
             write_batch=opts["write_batch_size"],
             max_packet_size=opts["max_packet_size"],
+            read_coalesce=float(opts["read_coalesce"]),
+            coalesce_below=int(opts["read_coalesce_below"]),
             errlog=self._errlog,
             logger=logger,
         )

@@ -90,14 +90,17 @@ class _FloodPeer(threading.Thread):
                 sock.close()
 
 
-async def test_slow_async_callback_pauses_reading_and_memory_stays_flat():
+@pytest.mark.parametrize("read_coalesce", [0.0, 0.0005], ids=["plain", "read-coalescing"])
+async def test_slow_async_callback_pauses_reading_and_memory_stays_flat(read_coalesce):
     """A flood into a slow coroutine callback: queue depth and RSS stay bounded, reading pauses, nothing is lost."""
     from cascade_fast.connector import FastMqttConnector
 
     peer = _FloodPeer()
     peer.start()
     process = psutil.Process()
-    conn = FastMqttConnector("127.0.0.1", peer.port, keepalive=0, high_water=HIGH_WATER, low_water=LOW_WATER)
+    conn = FastMqttConnector(
+        "127.0.0.1", peer.port, keepalive=0, high_water=HIGH_WATER, low_water=LOW_WATER, read_coalesce=read_coalesce
+    )
     seqs: list[int] = []
     slow = True
     max_depth = 0

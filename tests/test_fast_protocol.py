@@ -555,6 +555,23 @@ async def test_disconnect_cancels_a_suspended_callback(peer):
     assert [t for t in asyncio.all_tasks() if t is not current and not t.done()] == []
 
 
+async def test_read_coalescing_gathers_small_writes_into_few_reads(peer):
+    """read_coalesce: PUBLISHes written one by one arrive in a few reads, all of them, in order."""
+    conn = _connector(peer, read_coalesce=0.05)
+    await conn.connect()
+    got = []
+    await conn.subscribe("rc/#", lambda t, d: got.append(d["n"]))
+    await asyncio.sleep(0.1)  # let the handshake's reads settle
+    before = conn.stats()["reads"]
+    for i in range(20):
+        peer.send(_publish("rc/x", b'{"n":%d}' % i))
+        await asyncio.sleep(0.001)  # each its own TCP segment
+    await _eventually(lambda: len(got) == 20)
+    assert got == list(range(20))
+    assert conn.stats()["reads"] - before <= 6, conn.stats()["reads"] - before
+    await asyncio.wait_for(conn.disconnect(), 10)
+
+
 # -- publish path -------------------------------------------------------------------------
 
 
