@@ -47,6 +47,7 @@ cdef extern from "Python.h":
     object PyList_New(Py_ssize_t size)
     void PyList_SET_ITEM_STEAL "PyList_SET_ITEM" (object lst, Py_ssize_t index, PyObject *item)
     Py_ssize_t PY_SSIZE_T_MAX
+    bint PyUnicode_CheckExact(object o)
 
 
 cdef extern from *:
@@ -581,8 +582,12 @@ cdef class TopicTrie:
         A new list on each call: the caller may keep or change it. The topic
         is not validated (see `cascade_fast._topics_py`).
         """
-        if not isinstance(topic, str):
-            raise TypeError(f"topic must be str, not {type(topic).__name__}")
+        if not PyUnicode_CheckExact(topic):
+            if not isinstance(topic, str):
+                raise TypeError(f"topic must be str, not {type(topic).__name__}")
+            # A str subclass may override __eq__/__hash__ or run code when
+            # the cache drops it; match its exact-str copy (as the pure twin).
+            topic = str.__str__(topic)
         return PyList_GetSlice(self.match_shared(topic), 0, PY_SSIZE_T_MAX)
 
     cdef list match_shared(self, str topic):
@@ -597,6 +602,9 @@ cdef class TopicTrie:
         cdef PyObject *key
         cdef const char *key_data
         cdef Py_ssize_t key_size
+        if data == NULL and topic is None:  # a typed str is exact or None
+            PyErr_Clear()
+            raise TypeError("topic must be str, not NoneType")
         if data == NULL:
             # Lone surrogates: no UTF-8 exists. Their "surrogatepass" bytes
             # occur in no valid filter, so such a level matches only

@@ -350,8 +350,12 @@ class TopicTrie:
         A new list on each call: the caller may keep or change it. The topic
         is not validated (see the module docstring).
         """
-        if not isinstance(topic, str):
-            raise TypeError(f"topic must be str, not {type(topic).__name__}")
+        if type(topic) is not str:
+            if not isinstance(topic, str):
+                raise TypeError(f"topic must be str, not {type(topic).__name__}")
+            # A str subclass may override __eq__/__hash__ or run code when
+            # the cache drops it; match its exact-str copy (as the compiled twin).
+            topic = str.__str__(topic)
         cached = self._cache.get(topic)
         if cached is None:
             cached = self._match_uncached(topic)

@@ -667,6 +667,29 @@ def test_a_cycle_through_the_trie_is_collected(Trie: Any):
     assert probe() is None
 
 
+def test_str_subclass_topics_match_as_plain_str(Trie: Any):
+    """A str subclass with odd __eq__/__hash__/__del__ matches as its text and cannot poison the cache."""
+    trie = Trie()
+    trie.add("a/+", 1)
+
+    class Odd(str):
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        def __hash__(self) -> int:
+            return 0
+
+        def __del__(self) -> None:
+            trie.add("late/#", 2)
+
+    assert trie.match(Odd("a/b")) == [1]
+    gc.collect()
+    assert trie.match(Odd("x/y")) == []
+    gc.collect()
+    assert trie.match("late/z") == [2, 2]
+    assert trie.match("a/b") == [1]
+
+
 def test_pickling_is_refused_by_both(Trie: Any):
     """Neither twin pickles (the compiled one cannot), so the twins behave alike."""
     import pickle
