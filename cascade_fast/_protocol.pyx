@@ -781,7 +781,9 @@ cdef class MqttProtocol(PacketSink):
         # Nothing may escape from here: uvloop would treat it as a fatal
         # transport error. A malformed packet closes the connection and the
         # connector's supervisor reconnects.
-        self.last_in = self.loop.time()
+        cdef double now = self.loop.time()
+        cdef double previous = self.last_in
+        self.last_in = now
         self.session.reads += 1
         try:
             self.decoder.feed_to(data, self)
@@ -794,11 +796,14 @@ cdef class MqttProtocol(PacketSink):
             self.errlog.log("protocol_error", _ERROR, "unexpected error while reading from the broker, reconnecting: %r", exc, exc_info=exc)
             self._abort(exc)
             return
-        if self.read_coalesce > 0 and len(data) < self.coalesce_below and self.coalesce_handle is None:
+        if (self.read_coalesce > 0 and now - previous < self.read_coalesce
+                and len(data) < self.coalesce_below and self.coalesce_handle is None):
             # Read coalescing: a broker that writes every PUBLISH on its own
             # makes a reader that keeps up pay a wakeup and a read per one or
-            # two messages. Waiting `read_coalesce` seconds lets the kernel
-            # gather the next ones into one read (latency for CPU).
+            # two messages. Small reads coming faster than `read_coalesce`
+            # apart mean a flood: wait that long so the kernel gathers the
+            # next messages into one read. An isolated message (previous read
+            # longer ago) is never delayed.
             if self.transport is not None and self.state == ST_CONNECTED:
                 self.transport.pause_reading()
                 self.coalesce_handle = self.loop.call_later(self.read_coalesce, self._coalesce_resume)

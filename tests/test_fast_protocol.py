@@ -572,6 +572,18 @@ async def test_read_coalescing_gathers_small_writes_into_few_reads(peer):
     await asyncio.wait_for(conn.disconnect(), 10)
 
 
+async def test_read_coalescing_never_holds_data_already_read(peer):
+    """Coalescing only postpones the next read: a message is delivered by the read that brings it."""
+    conn = _connector(peer, read_coalesce=2.0)
+    await conn.connect()
+    got = asyncio.get_running_loop().create_future()
+    await conn.subscribe("iso/#", lambda t, d: got.done() or got.set_result(d))
+    await asyncio.sleep(0.2)
+    peer.send(_publish("iso/x", b'{"n":1}'))
+    assert await asyncio.wait_for(got, 1.0) == {"n": 1}
+    await asyncio.wait_for(conn.disconnect(), 10)
+
+
 # -- publish path -------------------------------------------------------------------------
 
 
