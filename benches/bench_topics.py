@@ -71,9 +71,8 @@ def cascade_topics(count: int, rng: random.Random) -> list[str]:
     for i in range(count):
         kind = rng.random()
         if kind < 0.8:
-            topics.append(
-                f"cascade/telemetry/org-{rng.randrange(110)}/project-{rng.randrange(200)}/run-{i:06d}-{rng.getrandbits(32):08x}/events"
-            )
+            org, project, run = rng.randrange(110), rng.randrange(200), f"run-{i:06d}-{rng.getrandbits(32):08x}"
+            topics.append(f"cascade/telemetry/org-{org}/project-{project}/{run}/events")
         elif kind < 0.9:
             topics.append(f"cascade/status/host-{i:06d}-{rng.randrange(1 << 16)}")
         else:

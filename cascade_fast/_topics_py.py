@@ -69,7 +69,9 @@ def _check_string(value: object, what: str) -> str:
             f"{what} {_shown(value)} contains a lone surrogate, which is not encodable as UTF-8 (MQTT 3.1.1 §1.5.3)"
         ) from None
     if size > _MAX_BYTES:
-        raise ValueError(f"{what} {_shown(value)} is longer than 65535 bytes of UTF-8 ({size} bytes; MQTT 3.1.1 §1.5.3)")
+        raise ValueError(
+            f"{what} {_shown(value)} is longer than 65535 bytes of UTF-8 ({size} bytes; MQTT 3.1.1 §1.5.3)"
+        )
     return value
 
 

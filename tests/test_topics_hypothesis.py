@@ -119,7 +119,9 @@ def test_oracle_agrees_with_paho(topic_filter: str, topic: str) -> None:
 @example(pairs=[("a/#", 0), ("a", 1)], probes=["a"], cache_size=0)
 @example(pairs=[("+", 0), ("#", 1), ("$share/g/+", 2)], probes=["$x", "x", ""], cache_size=1)
 @example(pairs=[(f"t/n{i}", i) for i in range(10)], probes=["t/n9", "t/n4", "t/x"], cache_size=0)
-def test_twins_agree_with_the_oracle_on_matching(pairs: list[tuple[str, int]], probes: list[str], cache_size: int) -> None:
+def test_twins_agree_with_the_oracle_on_matching(
+    pairs: list[tuple[str, int]], probes: list[str], cache_size: int
+) -> None:
     """Both twins return exactly the oracle's values, in add order, for every probe (twice: cold, then cached)."""
     tries = [Trie(cache_size=cache_size) for Trie in TWINS]
     for trie in tries:
@@ -178,7 +180,7 @@ operations = st.lists(
     cache_size=0,
 )
 def test_twins_follow_the_model_through_adds_and_removes(program: list[tuple[str, str, int]], cache_size: int) -> None:
-    """Any sequence of add/remove/clear/match leaves both twins equal to a list of pairs (earliest equal pair removed)."""
+    """Any add/remove/clear/match sequence leaves both twins equal to a list of pairs (earliest equal pair removed)."""
     tries = [Trie(cache_size=cache_size) for Trie in TWINS]
     model: list[tuple[str, int]] = []
     for operation, argument, value in program:
