@@ -6,9 +6,11 @@ docstring is the specification); tests/test_topics_hypothesis.py proves the
 two equal. Why a separate .pyx rather than compiling the twin: a cold match
 must cost about 200 ns, which rules out a substring and a dict lookup per
 level. Here the topic is walked in place on its UTF-8 bytes (free for an
-ASCII str, which is its own UTF-8), 8 bytes at a time: one pass finds the
-end of a level and hashes it, and the node finds the child through a
-hand-written table of (hash tag, index) slots, then confirms with memcmp.
+ASCII str, which is its own UTF-8), 8 bytes at a time. A node with one
+literal child keeps it inline and compares length + memcmp; a node with
+more finds the child through a hand-written table of (hash tag, index)
+slots, and only there is the level hashed, in the same pass that finds its
+end. Each node's hot half is one 64-byte line; the rest lives apart.
 
 The result cache is a second hand-written table, keyed by a hash of the
 topic's UTF-8 bytes: a topic decoded from the network is a new str each
