@@ -797,13 +797,15 @@ cdef class MqttProtocol(PacketSink):
             self._abort(exc)
             return
         if (self.read_coalesce > 0 and now - previous < self.read_coalesce
-                and len(data) < self.coalesce_below and self.coalesce_handle is None):
+                and len(data) < self.coalesce_below and self.coalesce_handle is None
+                and not self.session.inflight and not self.acks):
             # Read coalescing: a broker that writes every PUBLISH on its own
             # makes a reader that keeps up pay a wakeup and a read per one or
             # two messages. Small reads coming faster than `read_coalesce`
             # apart mean a flood: wait that long so the kernel gathers the
             # next messages into one read. An isolated message (previous read
-            # longer ago) is never delayed.
+            # longer ago) is never delayed. Never while acknowledgements are
+            # awaited: the in-flight window and subscribe() wait on them.
             if self.transport is not None and self.state == ST_CONNECTED:
                 self.transport.pause_reading()
                 self.coalesce_handle = self.loop.call_later(self.read_coalesce, self._coalesce_resume)

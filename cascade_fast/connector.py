@@ -57,8 +57,9 @@ Implementation-specific options (keyword arguments):
     stops for ``read_coalesce`` seconds so the next messages arrive in one
     read: at most ~1 ms of added latency, only during floods, for tens of
     times fewer reads (measured through Mosquitto: 5.4 -> 1.6 us of CPU per
-    message). An isolated message is never delayed, and large reads are
-    left alone. uvloop timers have 1 ms resolution: smaller values round
+    message). An isolated message is never delayed, large reads are left
+    alone, and nothing is coalesced while acknowledgements are awaited
+    (QoS 1/2 publishes in flight, SUBACK/UNSUBACK): they pace the window. uvloop timers have 1 ms resolution: smaller values round
     to 0 or 1 ms there.
 ``max_packet_size`` (codec default)
     Larger packets from the broker are a protocol error (connection closed).
