@@ -69,6 +69,8 @@ def _latency(ax: Any, runs: dict[str, ConnectorResult], title: str, matplotlib: 
                 ax.annotate(_short(value), (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(LATENCY_KEYS)), LATENCY_KEYS)
     ax.set_yscale("log")
+    tallest = max((v for r in runs.values() for v in r.latency_ms.values() if not math.isnan(v)), default=1.0)
+    ax.set_ylim(top=tallest * 5)  # room above the bars for their labels and the legend
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _pos: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylabel("end-to-end latency (ms, log scale)")
