@@ -84,10 +84,10 @@ def port_is_closed(port: int) -> bool:
 @needs_bench_extra
 def test_bench_python_writes_consistent_json_and_a_png(tmp_path):
     """A tiny python-only bench: every message delivered, figures present, chart is a PNG."""
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out_json, out_png, out_md = tmp_path / "bench.json", tmp_path / "bench.png", tmp_path / "bench.md"
     result = run_cli(
-        "bench", "--connector", "python", "--instances", "2", "--messages", "2000",
-        "--paced-rate", "1000", "--paced-seconds", "1", "--json", str(out_json), "--plot", str(out_png),
+        "bench", "--connector", "python", "--instances", "2", "--messages", "2000", "--paced-rate", "1000",
+        "--paced-seconds", "1", "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert re.search(r"broker: mosquitto [\d.]+ on 127\.0\.0\.1:\d+ \(started by the bench\)", result.stderr)
@@ -116,6 +116,10 @@ def test_bench_python_writes_consistent_json_and_a_png(tmp_path):
     assert paced["rate"] == 1000 and paced["sent"] == paced["delivered"] == 1000 and paced["lost"] == 0
     assert 0 < paced["latency_ms"]["p50"] <= paced["latency_ms"]["max"]
     assert "paced at 1,000 msgs/s" in result.stdout
+
+    md = out_md.read_text().splitlines()
+    assert md[0] == "| figure | python |" and "| messages lost | 0 |" in md
+    assert "| **paced at 1,000 msgs/s** | |" in md
 
     width, height = png_size(out_png)
     assert width > 600 and height > 300

@@ -138,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         doc = report.document(settings, broker_desc[0], results, skipped=skipped, command=command, failed=failures)
         report.write_json(args.json, doc)
         err.print(f"raw figures: {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(report.markdown_table(results))
+        err.print(f"markdown table: {args.markdown}")
     if args.plot:
         from .plot import plot
 
@@ -174,6 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--start-broker", choices=("auto", "mosquitto", "amqtt"), default="auto", help="which broker to start when --broker is not given (default: mosquitto if installed, else amqtt)")
     outg = parser.add_argument_group("output")
     outg.add_argument("--json", metavar="PATH", help="write every raw figure as JSON")
+    outg.add_argument("--markdown", metavar="PATH.md", help="write the results table as Markdown")
     outg.add_argument("--plot", metavar="PATH.png", help="write a chart of throughput and latency (matplotlib)")
 
 

@@ -199,27 +199,21 @@ def _ratio_cell(fast: Any, python: Any, better: str | None) -> str:
     return f"[{color}]{text}[/{color}]" if color else text
 
 
-def plain_table(results: dict[str, ConnectorResult]) -> str:
-    """The same rows as `table`, as plain text (for logs and the README)."""
+def markdown_table(results: dict[str, ConnectorResult]) -> str:
+    """The same rows as `table`, as a Markdown table (for a README or an issue)."""
     names = [n for n in ("python", "fast") if n in results]
     both = len(names) == 2
     header = ["figure", *names] + (["fast/python"] if both else [])
-    rows = [header]
-    for section, section_rows in _sections(results):
-        rows.append([section] + [""] * (len(header) - 1))
-        for label, get, fmt, better in section_rows:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for section, rows in _sections(results):
+        lines.append("| **" + section + "** |" + " |" * (len(header) - 1))
+        for label, get, fmt, better in rows:
             values = [get(results[n]) for n in names]
-            row = [f"  {label}", *(_fmt(fmt, v) for v in values)]
+            row = [label, *(_fmt(fmt, v) for v in values)]
             if both:
                 cell = _ratio_cell(values[1], values[0], better)
                 for color in ("green", "red"):
                     cell = cell.replace(f"[{color}]", "").replace(f"[/{color}]", "")
                 row.append(cell)
-            rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for j, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
