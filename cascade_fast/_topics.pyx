@@ -57,11 +57,19 @@ cdef extern from *:
     #include <stdint.h>
     #include <string.h>
 
-    /* One level of a topic or filter: its length (bytes before the next '/'
-       or the end) and a 64-bit hash of its bytes. The hash is defined on the
-       bytes alone -- 8-byte little-endian words, the last one zero-padded,
-       then the length -- so the word-at-a-time scan and the portable one
-       agree. Never reads outside [s, s + n). */
+    #ifndef CF_SWAR  /* word-at-a-time scanning (needs ctz and little-endian loads) */
+    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define CF_SWAR 1
+    #else
+    #define CF_SWAR 0
+    #endif
+    #endif
+
+    /* Hashes are defined on the bytes alone -- 8-byte little-endian words,
+       the last one zero-padded, then the length -- so every way of loading
+       them (SWAR or byte by byte) gives the same value for a level of a
+       filter and the same level of a topic. Nothing reads outside the
+       buffer: `back` says how many bytes before `s` are readable. */
     static inline uint64_t cf_mix(uint64_t h, uint64_t w) {
         h ^= w;
         h *= 0xFF51AFD7ED558CCDULL;
@@ -75,64 +83,93 @@ cdef extern from *:
         return h ^ (h >> 33);
     }
 
-    static inline uint64_t cf_tail(uint64_t h, const char *s, size_t k) {
-        /* k (0..8) bytes as one little-endian word, zero-padded; nothing for k == 0 */
+    /* The k (0..8) bytes at s as one little-endian word, zero-padded. With
+       at least 8 - k readable bytes before s it is one (overlapping) load. */
+    static inline uint64_t cf_load_short(const char *s, size_t k, size_t back) {
         uint64_t w = 0;
         size_t i;
-        if (!k) return h;
+        if (!k) return 0;
+    #if CF_SWAR
+        if (k == 8 || back + k >= 8) {
+            memcpy(&w, s - (8 - k), 8);
+            return k == 8 ? w : w >> (8 * (8 - k));
+        }
+    #endif
         for (i = 0; i < k; i++) w |= (uint64_t)(unsigned char)s[i] << (8 * i);
-        return cf_mix(h, w);
+        return w;
     }
 
-    static inline uint64_t cf_level(const char *s, size_t n, size_t *len) {
+    #if CF_SWAR
+    /* Nonzero where a byte of w is '/': the lowest set bit marks the first
+       one (bits above it may be false hits, never bits below). */
+    static inline uint64_t cf_slashes(uint64_t w) {
+        uint64_t v = w ^ 0x2F2F2F2F2F2F2F2FULL;
+        return (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
+    }
+    #endif
+
+    /* One level of a topic or filter at s (n bytes left in the buffer):
+       its length (bytes before the next '/', or n) into *len, and its hash. */
+    static inline uint64_t cf_level(const char *s, size_t n, size_t back, size_t *len) {
         uint64_t h = 0x9E3779B97F4A7C15ULL;
         size_t i = 0, k;
-    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        /* SWAR: a byte of w equal to '/' becomes zero in v; the lowest set
-           bit of t marks the first one (higher bits may be false hits). */
-        while (n - i >= 8) {
-            uint64_t w, v, t;
-            memcpy(&w, s + i, 8);
-            v = w ^ 0x2F2F2F2F2F2F2F2FULL;
-            t = (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
+    #if CF_SWAR
+        uint64_t w, t;
+        for (;;) {
+            size_t rem = n - i < 8 ? n - i : 8;
+            if (rem == 8) memcpy(&w, s + i, 8);
+            else w = cf_load_short(s + i, rem, back + i);
+            t = cf_slashes(w);
             if (t) {
-                k = (size_t)__builtin_ctzll(t) >> 3;
+                k = (size_t)__builtin_ctzll(t) >> 3;  /* < rem: padding bytes are not '/' */
                 if (k) h = cf_mix(h, w & (~0ULL >> (64 - 8 * k)));
                 *len = i + k;
                 return cf_final(h, i + k);
             }
-            h = cf_mix(h, w);
-            i += 8;
+            if (rem) h = cf_mix(h, w);
+            i += rem;
+            if (rem < 8) {
+                *len = n;
+                return cf_final(h, n);
+            }
         }
-    #endif
+    #else
+        (void)back;
         for (;;) {
-            for (k = 0; k < 8 && i + k < n && s[i + k] != '/'; k++) {}
+            uint64_t w = 0;
+            for (k = 0; k < 8 && i + k < n && s[i + k] != '/'; k++)
+                w |= (uint64_t)(unsigned char)s[i + k] << (8 * k);
+            if (k) h = cf_mix(h, w);
             if (k < 8) {
-                h = cf_tail(h, s + i, k);
                 *len = i + k;
                 return cf_final(h, i + k);
             }
-            h = cf_tail(h, s + i, 8);
-            i += 8;
-        }
-    }
-
-    /* Bytes before the next '/' (or n): cf_level without the hash, for
-       nodes that have no literal child to look up. */
-    static inline size_t cf_span(const char *s, size_t n) {
-        size_t i = 0;
-    #if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        while (n - i >= 8) {
-            uint64_t w, v, t;
-            memcpy(&w, s + i, 8);
-            v = w ^ 0x2F2F2F2F2F2F2F2FULL;
-            t = (v - 0x0101010101010101ULL) & ~v & 0x8080808080808080ULL;
-            if (t) return i + ((size_t)__builtin_ctzll(t) >> 3);
             i += 8;
         }
     #endif
+    }
+
+    /* Bytes before the next '/' (or n): cf_level without the hash, for
+       nodes that have no table to look the level up in. */
+    static inline size_t cf_span(const char *s, size_t n, size_t back) {
+        size_t i = 0;
+    #if CF_SWAR
+        uint64_t w, t;
+        while (n - i >= 8) {
+            memcpy(&w, s + i, 8);
+            t = cf_slashes(w);
+            if (t) return i + ((size_t)__builtin_ctzll(t) >> 3);
+            i += 8;
+        }
+        if (i == n) return n;
+        w = cf_load_short(s + i, n - i, back + i);
+        t = cf_slashes(w);
+        return t ? i + ((size_t)__builtin_ctzll(t) >> 3) : n;
+    #else
+        (void)back;
         while (i < n && s[i] != '/') i++;
         return i;
+    #endif
     }
 
     /* A 64-bit hash of a whole topic's bytes, for the result cache. */
@@ -144,12 +181,12 @@ cdef extern from *:
             memcpy(&w, s + i, 8);
             h = cf_mix(h, w);
         }
-        h = cf_tail(h, s + i, n - i);
+        if (n - i) h = cf_mix(h, cf_load_short(s + i, n - i, i));
         return cf_final(h, n);
     }
     """
-    uint64_t cf_level(const char *s, size_t n, size_t *len) nogil
-    size_t cf_span(const char *s, size_t n) nogil
+    uint64_t cf_level(const char *s, size_t n, size_t back, size_t *len) nogil
+    size_t cf_span(const char *s, size_t n, size_t back) nogil
     uint64_t cf_hash(const char *s, size_t n) nogil
 
 
@@ -379,7 +416,7 @@ cdef int32_t _find_or_create(TopicTrie trie, const char *pattern, size_t size, b
     cdef size_t length
     cdef uint64_t h
     while True:
-        h = cf_level(pattern + start, size - start, &length)
+        h = cf_level(pattern + start, size - start, start, &length)
         if length == 1 and pattern[start] == b'+':
             child = trie._nodes[index].plus
             if child < 0 and create:
@@ -755,9 +792,9 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
                     nfound += 1
                 continue
             if node.table_mask:
-                h = cf_level(data + start, <size_t>(size - start), &length)
+                h = cf_level(data + start, <size_t>(size - start), <size_t>start, &length)
             elif node.kids_len or (wild and node.plus >= 0):
-                length = cf_span(data + start, <size_t>(size - start))  # no table lookup: no hash
+                length = cf_span(data + start, <size_t>(size - start), <size_t>start)  # no table: no hash
             else:
                 continue  # nothing below this node can match
             following = start + <Py_ssize_t>length + 1
