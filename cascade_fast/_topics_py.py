@@ -338,7 +338,11 @@ class TopicTrie:
 
     @property
     def cached_topics(self) -> int:
-        """How many topics have a cached result right now (for tests and stats)."""
+        """How many topics have a cached result right now (for tests and stats).
+
+        The compiled twin does not cache topics with lone surrogates (never
+        received from a broker), so only there may the twins' counts differ.
+        """
         return len(self._cache)
 
     def __reduce__(self) -> Any:
