@@ -93,6 +93,16 @@ class _FloodPeer(threading.Thread):
 @pytest.mark.parametrize("read_coalesce", [0.0, 0.001], ids=["no-coalescing", "read-coalescing"])
 async def test_slow_async_callback_pauses_reading_and_memory_stays_flat(read_coalesce):
     """A flood into a slow coroutine callback: queue depth and RSS stay bounded, reading pauses, nothing is lost."""
+    await _slow_callback_flood(read_coalesce)
+
+
+def test_slow_async_callback_flood_on_uvloop():
+    """The same flood on uvloop, whose pause_reading/resume_reading are its own."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_slow_callback_flood(0.001))
+
+
+async def _slow_callback_flood(read_coalesce: float) -> None:
     from cascade_fast.connector import FastMqttConnector
 
     peer = _FloodPeer()
@@ -189,6 +199,16 @@ class _StallingPeer(threading.Thread):
 
 async def test_publishes_wait_while_the_peer_does_not_read():
     """QoS 0 publishes into a stalled socket wait past write_buffer_limit (none dropped); they resume when it drains."""
+    await _stalled_publisher()
+
+
+def test_publishes_wait_while_the_peer_does_not_read_on_uvloop():
+    """The same stalled peer on uvloop, whose write buffer and pause_writing are its own."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_stalled_publisher())
+
+
+async def _stalled_publisher() -> None:
     from cascade_fast.connector import FastMqttConnector
 
     peer = _StallingPeer()
