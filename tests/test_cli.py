@@ -314,6 +314,7 @@ def test_mosquitto_config_has_what_the_measurement_relies_on():
     assert "listener 12345 127.0.0.1" in conf
     assert "allow_duplicate_messages false" in conf
     assert "persistence false" in conf
+    assert "set_tcp_nodelay true" in conf
 
 
 # --- measurement (pure logic) ----------------------------------------------------

@@ -30,7 +30,13 @@ def what_is_measured(settings: BenchSettings, broker_desc: str) -> list[str]:
         f"TaskStateEvents, QoS {settings.qos}, {rate}; {settings.observers} observer process(es) subscribed to "
         f"cascade/telemetry/+/{settings.project}/+/events and cascade/status/+ receive them. "
         "Each connector runs the same workload in fresh processes, one after the other, as publisher and as observer.",
-        f"Broker: {broker_desc}. The broker, the publishers and the observer share this machine's {cores} cores: "
+        f"Broker: {broker_desc}"
+        + (
+            " (set_tcp_nodelay true: no Nagle delay on its writes; allow_duplicate_messages false; persistence off)"
+            if broker_desc.startswith("mosquitto") and "started by the bench" in broker_desc
+            else ""
+        )
+        + f". The broker, the publishers and the observer share this machine's {cores} cores: "
         "the figures are for the whole pipeline on one host, not the connector alone.",
         "Delivered msgs/s: telemetry messages the observers received, over the time from first to last receipt. "
         "Flat out, the publishers outrun the observer and messages queue (in the broker, the sockets and the "
