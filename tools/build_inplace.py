@@ -29,10 +29,16 @@ def main(names: list[str]) -> None:
     modules = cythonize(exts, language_level=3, include_path=[str(ROOT)], annotate=bool(os.environ.get("ANNOTATE")))
     dist = Distribution({"ext_modules": modules})
     cmd = dist.get_command_obj("build_ext")
-    cmd.inplace = True
     cmd.build_temp = str(ROOT / "build" / "inplace")
+    cmd.build_lib = str(ROOT / "build" / "inplace-lib")
     cmd.ensure_finalized()
     cmd.run()
+    # os.replace, never an overwrite in place: a process that has the old .so
+    # mapped keeps its copy instead of crashing.
+    for built in cmd.get_outputs():
+        target = ROOT / Path(built).relative_to(cmd.build_lib)
+        os.replace(built, target)
+        print(f"installed {target.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
