@@ -239,6 +239,38 @@ def test_watch_once_prints_one_block_and_exits():
     assert "2 instances: 0 online, 2 offline" in result.stdout
 
 
+@needs_mosquitto
+def test_watch_project_filter_counts_only_that_projects_telemetry():
+    """--project demo: an instance of another project shows (presence) but none of its events count."""
+    with start_mosquitto() as broker:
+        target = f"127.0.0.1:{broker.address.port}"
+        env = dict(os.environ, CASCADE_CONNECTOR="python")
+        sims = [
+            subprocess.Popen(
+                [sys.executable, "-m", "cascade_fast.bench.simulate", "--broker", target, "--instances", "1",
+                 "--source-prefix", f"in-{project}", "--project", project, "--rate", "50", "--duration", "8"],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for project in ("demo", "other")
+        ]
+        try:
+            for sim in sims:  # both connected and publishing before the watcher starts
+                assert sim.stdout.readline().startswith("online:"), sim.stderr.read()
+            result = subprocess.run(
+                [sys.executable, "-m", "cascade_fast.cli", "watch", "--broker", target, "--project", "demo",
+                 "--once", "--duration", "1.5"],
+                env=env, capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+        finally:
+            for sim in sims:
+                sim.kill()
+                sim.wait(10)
+    assert result.returncode == 0, result.stderr
+    assert "project demo" in result.stdout
+    rows = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(in-\w+)\s+online\s+\S+\s+[\d.]+\s+(\d+)", result.stdout, re.M)}
+    assert rows["in-demo"] > 0 and rows["in-other"] == 0, result.stdout
+
+
 def test_watch_unreachable_broker_fails_with_a_message():
     """No broker at the address: exit 1 and a message naming it, no traceback."""
     import socket
