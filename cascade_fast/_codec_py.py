@@ -45,6 +45,8 @@ Encoding
 
 from __future__ import annotations
 
+import sys
+
 from collections.abc import Iterable
 from operator import index as _index
 from typing import Any
@@ -69,6 +71,7 @@ from .packets import (
 
 __all__ = [
     "DEFAULT_MAX_PACKET_SIZE",
+    "encode_packet",
     "MAX_REMAINING_LENGTH",
     "CallbackSink",
     "CountingSink",
@@ -895,3 +898,39 @@ def encode_pingresp() -> bytes:
 def encode_disconnect() -> bytes:
     """DISCONNECT (§3.14)."""
     return b"\xe0\x00"
+
+
+def encode_packet(packet: Any, codec: Any = None) -> bytes:
+    """Bytes for any packet named tuple, through `codec`'s public encoders.
+
+    `codec` is a codec module (this pure twin by default, or the compiled
+    `cascade_fast._codec`), so tests, the fuzzer and test peers can turn a
+    decoded packet back into bytes without a dispatch table of their own.
+    """
+    impl = codec if codec is not None else sys.modules[__name__]
+    kind = packet.type
+    if kind == "PUBLISH":
+        return impl.encode_publish(packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id)
+    if kind == "CONNECT":
+        return impl.encode_connect(
+            packet.client_id,
+            clean_session=packet.clean_session,
+            keepalive=packet.keepalive,
+            will_topic=packet.will_topic,
+            will_payload=packet.will_payload,
+            will_qos=packet.will_qos,
+            will_retain=packet.will_retain,
+            username=packet.username,
+            password=packet.password,
+        )
+    if kind == "CONNACK":
+        return impl.encode_connack(packet.session_present, packet.return_code)
+    if kind == "SUBSCRIBE":
+        return impl.encode_subscribe(packet.packet_id, packet.topics)
+    if kind == "SUBACK":
+        return impl.encode_suback(packet.packet_id, packet.return_codes)
+    if kind == "UNSUBSCRIBE":
+        return impl.encode_unsubscribe(packet.packet_id, packet.topics)
+    if kind in ("PINGREQ", "PINGRESP", "DISCONNECT"):
+        return getattr(impl, "encode_" + kind.lower())()
+    return getattr(impl, "encode_" + kind.lower())(packet.packet_id)

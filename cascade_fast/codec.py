@@ -39,6 +39,12 @@ encode_pingreq = _impl.encode_pingreq
 encode_pingresp = _impl.encode_pingresp
 encode_disconnect = _impl.encode_disconnect
 
+
+def encode_packet(packet: object) -> bytes:
+    """Bytes for any packet named tuple, through the selected build's encoders."""
+    return _codec_py.encode_packet(packet, _impl)
+
+
 __all__ = [name for name in dir() if name.startswith("encode_")] + [
     "COMPILED",
     "DEFAULT_MAX_PACKET_SIZE",

@@ -131,32 +131,7 @@ packets = st.one_of(
 
 def encode_packet(impl: Any, p: Any) -> bytes:
     """Bytes for packet `p` from the twin's public encoders."""
-    kind = p.type
-    if kind == "PUBLISH":
-        return impl.encode_publish(p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id)
-    if kind == "CONNECT":
-        return impl.encode_connect(
-            p.client_id,
-            clean_session=p.clean_session,
-            keepalive=p.keepalive,
-            will_topic=p.will_topic,
-            will_payload=p.will_payload,
-            will_qos=p.will_qos,
-            will_retain=p.will_retain,
-            username=p.username,
-            password=p.password,
-        )
-    if kind == "CONNACK":
-        return impl.encode_connack(p.session_present, p.return_code)
-    if kind == "SUBSCRIBE":
-        return impl.encode_subscribe(p.packet_id, p.topics)
-    if kind == "SUBACK":
-        return impl.encode_suback(p.packet_id, p.return_codes)
-    if kind == "UNSUBSCRIBE":
-        return impl.encode_unsubscribe(p.packet_id, p.topics)
-    if kind in ("PINGREQ", "PINGRESP", "DISCONNECT"):
-        return getattr(impl, "encode_" + kind.lower())()
-    return getattr(impl, "encode_" + kind.lower())(p.packet_id)
+    return _codec_py.encode_packet(p, impl)
 
 
 def outcome(impl: Any, chunks: list[bytes], max_packet_size: int = _codec_py.DEFAULT_MAX_PACKET_SIZE) -> tuple:

@@ -60,34 +60,9 @@ MAX_SIZES = (pure.DEFAULT_MAX_PACKET_SIZE, 1000, 64, 2, 0)
 
 def _encode(packet: Any) -> bytes | None:
     """Re-encode a decoded packet with the pure encoders (None: not ours to encode)."""
-    kind = packet.type
-    if kind == "PUBLISH":
-        return pure.encode_publish(packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id)
-    if kind == "CONNECT":
-        if packet.protocol_name != "MQTT" or packet.protocol_level != 4:
-            return None  # the encoder speaks MQTT 3.1.1 only
-        return pure.encode_connect(
-            packet.client_id,
-            clean_session=packet.clean_session,
-            keepalive=packet.keepalive,
-            will_topic=packet.will_topic,
-            will_payload=packet.will_payload,
-            will_qos=packet.will_qos,
-            will_retain=packet.will_retain,
-            username=packet.username,
-            password=packet.password,
-        )
-    if kind == "CONNACK":
-        return pure.encode_connack(packet.session_present, packet.return_code)
-    if kind == "SUBSCRIBE":
-        return pure.encode_subscribe(packet.packet_id, packet.topics)
-    if kind == "SUBACK":
-        return pure.encode_suback(packet.packet_id, packet.return_codes)
-    if kind == "UNSUBSCRIBE":
-        return pure.encode_unsubscribe(packet.packet_id, packet.topics)
-    if kind in ("PINGREQ", "PINGRESP", "DISCONNECT"):
-        return getattr(pure, "encode_" + kind.lower())()
-    return getattr(pure, "encode_" + kind.lower())(packet.packet_id)
+    if packet.type == "CONNECT" and (packet.protocol_name != "MQTT" or packet.protocol_level != 4):
+        return None  # the encoder speaks MQTT 3.1.1 only
+    return pure.encode_packet(packet)
 
 
 def _outcome(impl: Any, chunks: list[bytes], max_size: int) -> tuple:
