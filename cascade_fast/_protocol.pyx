@@ -258,7 +258,11 @@ cdef class Dispatcher:
                 data = decoded
             try:
                 result = sub.callback(topic, data)
-            except Exception as exc:
+            except (Exception, _CancelledError) as exc:
+                # CancelledError is a BaseException: uncaught, it would leave
+                # data_received (asyncio/uvloop then abort the connection and
+                # the rest of the read is lost). A callback raising it is a
+                # failed callback like any other.
                 self._failed(sub, topic, exc)
                 continue
             if result is None:
@@ -283,7 +287,7 @@ cdef class Dispatcher:
                     except StopIteration:
                         self.dispatched += 1
                         continue
-                    except Exception as exc:
+                    except (Exception, _CancelledError) as exc:  # see above
                         self._failed(sub, topic, exc)
                         continue
                     awaitable = _Resume(result, yielded)
