@@ -679,9 +679,13 @@ cdef class Session:
         """The connection got CONNACK 0: publishes go to it from now on."""
         cdef Outgoing msg
         self.proto = proto
-        if self.clean_session:
+        if self.clean_session or not session_present:
+            # QoS 2 ids received but not yet released belong to the broker's
+            # session. Without one (Session Present 0, §3.2.2.2: a broker
+            # restarted without persistence) the broker reuses them for new
+            # messages, which a kept id would swallow as duplicates (§4.3.3).
             self.inbound_qos2.clear()
-        elif self.inflight:
+        if not self.clean_session and self.inflight:
             # MQTT 3.1.1 §4.4: re-send unacknowledged PUBLISH packets (DUP=1)
             # and PUBREL packets, in their original order.
             for msg in list(self.inflight.values()):

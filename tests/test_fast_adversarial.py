@@ -215,3 +215,36 @@ def test_callback_that_disconnects_the_connector(loop_factory):
             assert _other_tasks() == []
 
     _run(loop_factory, scenario)
+
+
+# -- QoS 2 exactly-once across a reconnect (MQTT 3.1.1 §4.3.3, §3.2.2.2) --------------
+
+
+@pytest.mark.parametrize("session_present", [True, False], ids=["session-kept", "session-lost"])
+async def test_inbound_qos2_across_a_reconnect(session_present):
+    """A QoS 2 PUBLISH re-sent after a reconnect is delivered once if the broker kept the session, and a new message reusing the id is delivered if it did not."""
+    async with ScriptedPeer(session_present=session_present) as peer:
+        conn = _connector(peer, keepalive=30, clean_session=False)
+        await conn.connect()
+        seen: list[int] = []
+        await conn.subscribe("q/#", lambda t, d: seen.append(d["n"]), qos=2)
+        peer.send(_publish("q/x", b'{"n":1}', qos=2, packet_id=7))
+        await peer.wait_for(lambda p: p.type == "PUBREC" and p.packet_id == 7)
+        peer.drop()  # lost before PUBREL: the client keeps id 7 (§4.3.3 method B)
+        await peer.wait_connections(2)
+        await _eventually(lambda: conn.is_connected, what="reconnect")
+        await peer.wait_for(lambda p: p.type == "SUBSCRIBE", count=2)
+        if session_present:
+            # The broker re-sends the same message with DUP: acknowledged again, not delivered again.
+            peer.send(_publish("q/x", b'{"n":1}', qos=2, packet_id=7, dup=True))
+            await peer.wait_for(lambda p: p.type == "PUBREC" and p.packet_id == 7, count=2)
+            peer.send(wire.encode_pubrel(7))
+            await peer.wait_for(lambda p: p.type == "PUBCOMP" and p.packet_id == 7)
+            peer.send(_publish("q/x", b'{"n":2}', qos=2, packet_id=7))
+            await _eventually(lambda: seen == [1, 2], what="the next message on id 7")
+        else:
+            # No session at the broker (Session Present 0): id 7 is free again, a new message uses it.
+            peer.send(_publish("q/x", b'{"n":2}', qos=2, packet_id=7))
+            await _eventually(lambda: seen == [1, 2], what="the new message on id 7")
+        assert conn.stats()["received"] == 2
+        await conn.disconnect()
