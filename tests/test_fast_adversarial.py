@@ -248,3 +248,153 @@ async def test_inbound_qos2_across_a_reconnect(session_present):
             await _eventually(lambda: seen == [1, 2], what="the new message on id 7")
         assert conn.stats()["received"] == 2
         await conn.disconnect()
+
+
+# -- packet ids (MQTT 3.1.1 §2.3.1) -----------------------------------------------------
+
+
+class _Transport:
+    """A transport that keeps what is written (the protocol unit tests need no socket)."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _protocol(loop: asyncio.AbstractEventLoop, **session: Any) -> tuple[Any, Any, _Transport]:
+    """A connected `AsyncioMqttProtocol` over `_Transport` (CONNACK already fed), and its session."""
+    import logging
+
+    from cascade.connectors.mqtt._common import RateLimitedLog, encode_payload
+    from cascade_fast._protocol import AsyncioMqttProtocol, Dispatcher, Session
+    from cascade_fast._topics import TopicTrie
+    from cascade_fast._topics_py import validate_topic
+
+    log = logging.getLogger("cascade.connectors.mqtt")
+    errlog = RateLimitedLog(log)
+    options = {"max_inflight": 20, "clean_session": True, **session}
+    sess = Session(validate_topic=validate_topic, encode_payload=encode_payload, errlog=errlog, logger=log, **options)
+    sess.set_loop(loop)
+    disp = Dispatcher(errlog, log)
+    disp.set_loop(loop)
+    proto = AsyncioMqttProtocol(
+        loop, sess, disp, TopicTrie(), wire.encode_connect("c"), keepalive=0.0, write_batch=1, errlog=errlog, logger=log
+    )
+    transport = _Transport()
+    proto.connection_made(transport)
+    proto.data_received(wire.encode_connack(False, 0))
+    assert proto.connected
+    transport.out.clear()
+    return proto, sess, transport
+
+
+async def test_packet_ids_wrap_at_65535_and_skip_ids_still_awaiting_an_acknowledgement():
+    """Past 65535 ids wrap to 1 (never 0) and skip the QoS 1/2 and SUBSCRIBE ids still unacknowledged."""
+    from cascade_fast import codec
+
+    proto, sess, transport = _protocol(asyncio.get_running_loop(), max_inflight=3)
+    decoder = codec.Decoder()
+    sess.publish("w/held", b"", 1)  # id 1, never acknowledged
+    held_sub = proto.subscribe([("w/#", 1)])  # id 2, SUBACK never sent
+    sess.publish("w/held2", b"", 2)  # id 3, PUBREC but never PUBCOMP
+    proto.data_received(wire.encode_pubrec(3))
+    (first, sub, second, rel) = decoder.feed(bytes(transport.out))
+    assert (first.packet_id, sub.packet_id, second.packet_id, rel.type) == (1, 2, 3, "PUBREL")
+    transport.out.clear()
+    ids = []
+    for _ in range(65535 + 10):
+        assert sess.publish("w/x", b"", 1) is None  # the window has a free slot
+        (packet,) = decoder.feed(bytes(transport.out))
+        transport.out.clear()
+        ids.append(packet.packet_id)
+        proto.data_received(wire.encode_puback(packet.packet_id))
+    assert 0 not in ids and {1, 2, 3}.isdisjoint(ids)
+    assert ids[:2] == [4, 5] and ids[65531] == 65535 and ids[65532] == 4
+    assert sess.inflight_count == 2 and not held_sub.done()
+
+
+# -- malformed or unexpected input from the broker -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        pytest.param(b"\x30\x05\x00\x02\xc3\x28x", id="publish-topic-invalid-utf8"),
+        pytest.param(b"\x30\x05\x00\x02a\x00x", id="publish-topic-with-nul"),
+        pytest.param(b"\x32\x05\x00\x01a\x00\x00", id="qos1-packet-id-0"),
+        pytest.param(b"\x30\xff\xff\xff\x7f", id="remaining-length-over-max-packet-size"),
+        pytest.param(b"\x40\x03\x00\x01\x00", id="puback-wrong-length"),
+        pytest.param(b"\x90\x03\x00\x01\x03", id="suback-reserved-code"),
+        pytest.param(b"\xde\xad\xbe\xef" * 64, id="random-garbage"),
+    ],
+)
+async def test_malformed_packets_close_count_log_and_reconnect(garbage, caplog):
+    """Each malformed packet after CONNACK: closed, one protocol error counted and logged, reconnected; the loop sees nothing."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
+    try:
+        async with ScriptedPeer() as peer:
+            conn = _connector(peer, keepalive=30, max_packet_size=1 << 20)
+            await conn.connect()
+            seen: list[Any] = []
+            await conn.subscribe("#", lambda t, d: seen.append(t))
+            peer.send(garbage)
+            await peer.wait_connections(2)
+            await _eventually(lambda: conn.stats()["reconnects"] == 1 and conn.is_connected, what="reconnect")
+            assert conn.stats()["protocol_errors"] == 1
+            assert seen == []
+            assert any("protocol error" in r.getMessage() for r in caplog.records)
+            peer.send(_publish("ok/after", b"{}"))
+            await _eventually(lambda: seen == ["ok/after"], what="delivery after the reconnect")
+            await conn.disconnect()
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        pytest.param(wire.encode_puback(4242), id="puback-unknown-id"),
+        pytest.param(wire.encode_pubrec(4242), id="pubrec-unknown-id"),
+        pytest.param(wire.encode_pubcomp(4242), id="pubcomp-unknown-id"),
+        pytest.param(wire.encode_suback(4242, [1]), id="suback-unknown-id"),
+        pytest.param(wire.encode_unsuback(4242), id="unsuback-unknown-id"),
+        pytest.param(wire.encode_pubrel(4242), id="pubrel-unknown-id"),
+    ],
+)
+async def test_acknowledgements_for_unknown_ids_are_ignored(stray):
+    """A well-formed acknowledgement for an id we do not await (a re-sent or forgotten one) is no protocol error, as in paho."""
+    async with ScriptedPeer() as peer:
+        conn = _connector(peer, keepalive=30)
+        await conn.connect()
+        seen: list[Any] = []
+        await conn.subscribe("s/#", lambda t, d: seen.append(d))
+        peer.send(stray + _publish("s/x", b'{"n":1}'))
+        await _eventually(lambda: seen == [{"n": 1}], what="delivery after the stray packet")
+        stats = conn.stats()
+        assert stats["protocol_errors"] == 0 and stats["reconnects"] == 0 and stats["inflight"] == 0
+        if stray[0] >> 4 == 6:  # PUBREL: always answered, so the broker can drop its state (§4.3.3)
+            await peer.wait_for(lambda p: p.type == "PUBCOMP" and p.packet_id == 4242)
+        if stray[0] >> 4 == 5:  # PUBREC: released anyway (§4.3.3)
+            await peer.wait_for(lambda p: p.type == "PUBREL" and p.packet_id == 4242)
+        await conn.disconnect()
