@@ -54,6 +54,7 @@ cdef object _Task = asyncio.Task
 # driven by hand (coro.send) and runs outside any task.
 cdef bint _EAGER_TASKS = sys.version_info >= (3, 12)
 cdef object _CancelledError = asyncio.CancelledError
+cdef object _current_task = asyncio.current_task
 cdef object _deque = collections.deque
 cdef int _WARNING = logging.WARNING
 cdef int _ERROR = logging.ERROR
@@ -219,6 +220,12 @@ cdef class Dispatcher:
             self.queue.clear()
         self.reading_paused = False
         if task is not None and not task.done():
+            if task is _current_task(self.loop):
+                # disconnect() awaited by a callback running in this very task:
+                # cancelling it would raise CancelledError at that callback's
+                # next await. The queue is empty now, so the task ends by itself
+                # once the callback returns.
+                return None
             self.closing = True
             task.cancel()
             return task

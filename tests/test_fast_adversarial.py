@@ -398,3 +398,35 @@ async def test_acknowledgements_for_unknown_ids_are_ignored(stray):
         if stray[0] >> 4 == 5:  # PUBREC: released anyway (§4.3.3)
             await peer.wait_for(lambda p: p.type == "PUBREL" and p.packet_id == 4242)
         await conn.disconnect()
+
+
+@both_loops
+def test_callback_in_the_drain_task_that_disconnects_keeps_running(loop_factory):
+    """A callback already inside the dispatcher task may await disconnect() and keep awaiting afterwards: its own task is not cancelled under it."""
+
+    async def scenario(errors: list) -> None:
+        async with ScriptedPeer() as peer:
+            conn = _connector(peer, keepalive=30)
+            await conn.connect()
+            steps: list[str] = []
+            done = asyncio.get_running_loop().create_future()
+
+            async def stopper(topic: str, data: Any) -> None:
+                await asyncio.sleep(0)  # now running inside the drain task
+                await conn.disconnect()
+                steps.append("disconnected")
+                await asyncio.sleep(0.01)  # still ours to finish
+                steps.append("after")
+                done.set_result(None)
+
+            await conn.subscribe("e/#", stopper)
+            peer.send(b"".join(_publish("e/x", b'{"n":%d}' % n) for n in range(5)))
+            await asyncio.wait_for(done, 10)
+            await _eventually(lambda: conn._dispatcher.task is None, what="drain task end")
+            assert steps == ["disconnected", "after"]
+            stats = conn.stats()
+            assert stats["callback_errors"] == 0 and stats["undelivered"] == 4
+            await asyncio.sleep(0.3)
+            assert peer.connections == 1 and _other_tasks() == []
+
+    _run(loop_factory, scenario)
