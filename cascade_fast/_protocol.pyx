@@ -607,13 +607,18 @@ cdef class Session:
 
     cdef int _send(self, Outgoing msg) except -1:
         cdef int pid = self._alloc_packet_id()
+        cdef bytes packet
         if CASCADE_FAST_DEBUG:
             if len(self.inflight) >= self.max_inflight:
                 raise AssertionError("in-flight window overrun")
+        # Encode before registering: a packet that cannot be encoded (over
+        # the §2.2.3 size limit) must not keep a window slot and a packet id
+        # forever, nor be re-sent (and fail again) at every reconnect.
+        packet = _encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, False, pid)
         msg.packet_id = pid
         msg.state = OUT_SENT
         self.inflight[pid] = msg
-        self.proto._write(_encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, False, pid))
+        self.proto._write(packet)
         return 0
 
     cdef int _acked(self, int packet_id, int kind) except -1:
@@ -656,11 +661,20 @@ cdef class Session:
         cdef Outgoing msg
         while self.backlog and len(self.inflight) < self.max_inflight and self.proto is not None:
             msg = self.backlog.popleft()
-            self._send(msg)
-            self.published += 1
+            try:
+                self._send(msg)
+            except Exception as exc:
+                # Runs from data_received (an acknowledgement freed the slot):
+                # one bad message must not be taken for a broker error.
+                self.publish_errors += 1
+                self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", msg.topic, exc)
+            else:
+                self.published += 1
             if msg.waiter is not None and not msg.waiter.done():
                 msg.waiter.set_result(None)
             msg.waiter = None
+        if not self.inflight:
+            self._check_idle()
         return 0
 
     cdef int _check_idle(self) except -1:

@@ -430,3 +430,30 @@ def test_callback_in_the_drain_task_that_disconnects_keeps_running(loop_factory)
             assert peer.connections == 1 and _other_tasks() == []
 
     _run(loop_factory, scenario)
+
+
+# -- the publish path ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("queued", [False, True], ids=["window-free", "from-backlog"])
+async def test_publish_that_cannot_be_encoded_takes_no_window_slot(queued):
+    """A QoS 1 PUBLISH over the 256 MiB packet limit (§2.2.3) is counted as a publish error and holds no packet id or window slot, even when it waited in the backlog."""
+    proto, sess, transport = _protocol(asyncio.get_running_loop(), max_inflight=1)
+    huge = bytes(268_435_455)  # payload alone at the limit: topic and packet id push it over
+    if queued:
+        sess.publish("p/first", b"", 1)  # id 1 fills the window
+        waiter = sess.publish("p/huge", huge, 1)
+        assert waiter is not None and sess.backlog_count == 1
+        proto.data_received(wire.encode_puback(1))  # frees the slot: the huge one is sent from the backlog
+        assert proto.connected and waiter.done()
+    else:
+        assert sess.publish("p/huge", huge, 1) is None
+    del huge
+    assert sess.publish_errors == 1 and sess.inflight_count == 0 and sess.backlog_count == 0
+    assert sess.acknowledged() is None  # flush() would not wait for it
+    transport.out.clear()
+    assert sess.publish("p/next", b"x", 1) is None  # the window is free
+    from cascade_fast import codec
+
+    (packet,) = codec.Decoder().feed(bytes(transport.out))
+    assert packet.type == "PUBLISH" and packet.topic == "p/next"
