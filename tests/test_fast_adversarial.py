@@ -346,12 +346,11 @@ async def test_packet_ids_wrap_at_65535_and_skip_ids_still_awaiting_an_acknowled
         pytest.param(b"\xde\xad\xbe\xef" * 64, id="random-garbage"),
     ],
 )
-async def test_malformed_packets_close_count_log_and_reconnect(garbage, caplog):
+@both_loops
+def test_malformed_packets_close_count_log_and_reconnect(loop_factory, garbage, caplog):
     """Each malformed packet after CONNACK: closed, one protocol error counted and logged, reconnected; the loop sees nothing."""
-    loop = asyncio.get_running_loop()
-    errors: list[dict] = []
-    loop.set_exception_handler(lambda lp, ctx: errors.append(ctx))
-    try:
+
+    async def scenario(errors: list) -> None:
         async with ScriptedPeer() as peer:
             conn = _connector(peer, keepalive=30, max_packet_size=1 << 20)
             await conn.connect()
@@ -366,9 +365,8 @@ async def test_malformed_packets_close_count_log_and_reconnect(garbage, caplog):
             peer.send(_publish("ok/after", b"{}"))
             await _eventually(lambda: seen == ["ok/after"], what="delivery after the reconnect")
             await conn.disconnect()
-    finally:
-        loop.set_exception_handler(None)
-    assert errors == []
+
+    _run(loop_factory, scenario)
 
 
 @pytest.mark.parametrize(
@@ -382,8 +380,14 @@ async def test_malformed_packets_close_count_log_and_reconnect(garbage, caplog):
         pytest.param(wire.encode_pubrel(4242), id="pubrel-unknown-id"),
     ],
 )
-async def test_acknowledgements_for_unknown_ids_are_ignored(stray):
+@both_loops
+def test_acknowledgements_for_unknown_ids_are_ignored(loop_factory, stray):
     """A well-formed acknowledgement for an id we do not await (a re-sent or forgotten one) is no protocol error, as in paho."""
+    _run(loop_factory, lambda errors: _stray_scenario(stray))
+
+
+async def _stray_scenario(stray: bytes) -> None:
+    """Send `stray` then a PUBLISH: the PUBLISH is delivered on the same connection."""
     async with ScriptedPeer() as peer:
         conn = _connector(peer, keepalive=30)
         await conn.connect()
