@@ -278,6 +278,13 @@ class FastMqttConnector:
 
     async def disconnect(self) -> None:
         """Go offline gracefully (idempotent): OFFLINE presence, pending publishes, DISCONNECT."""
+        lock = self._connect_lock
+        if lock is not None and lock.locked():
+            # A connect() is in progress (bounded by connect_timeout): let it
+            # finish, then undo it. Otherwise it would go online, and start the
+            # supervisor, after this disconnect() had already returned.
+            async with lock:
+                pass
         supervisor, self._supervisor = self._supervisor, None
         self._running = False
         if supervisor is not None and supervisor is not asyncio.current_task():

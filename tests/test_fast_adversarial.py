@@ -461,3 +461,43 @@ async def test_publish_that_cannot_be_encoded_takes_no_window_slot(queued):
 
     (packet,) = codec.Decoder().feed(bytes(transport.out))
     assert packet.type == "PUBLISH" and packet.topic == "p/next"
+
+
+async def test_window_waiters_and_flush_are_released_when_a_clean_session_connection_is_lost():
+    """publish() calls waiting for a window slot and a pending flush() return when the connection is lost; the lost messages are counted."""
+    async with ScriptedPeer(ack_publish=False) as peer:
+        conn = _connector(peer, keepalive=30, max_inflight=2)
+        await conn.connect()
+        await peer.wait_for(lambda p: p.type == "PUBLISH")  # the birth message holds one slot
+        await conn.publish("w/0", {"n": 0}, qos=1)
+        waiting = [asyncio.ensure_future(conn.publish("w/x", {"n": n}, qos=1)) for n in range(1, 4)]
+        flushing = asyncio.ensure_future(conn.flush(timeout=30))
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in waiting) and not flushing.done()
+        peer.drop()
+        await asyncio.wait_for(asyncio.gather(*waiting, flushing), 5)
+        stats = conn.stats()
+        assert stats["publish_errors"] == 2 and stats["dropped"] == 3
+        assert stats["inflight"] == 0 and stats["backlog"] == 0
+        await conn.disconnect()
+        current = asyncio.current_task()
+        assert [t for t in asyncio.all_tasks() if t is not current and not t.done()] == []
+
+
+@both_loops
+def test_disconnect_during_connect_wins(loop_factory):
+    """disconnect() called while connect() is still in its handshake leaves the connector offline: no supervisor, no socket, DISCONNECT sent."""
+
+    async def scenario(errors: list) -> None:
+        async with ScriptedPeer() as peer:
+            conn = _connector(peer, keepalive=30)
+            connecting = asyncio.ensure_future(conn.connect())
+            await asyncio.sleep(0)  # connect() is waiting for the TCP connection / CONNACK
+            await conn.disconnect()
+            await connecting
+            assert not conn.is_connected and "disconnected" in repr(conn)
+            await peer.wait_for(lambda p: p.type == "DISCONNECT")
+            await asyncio.sleep(0.3)  # longer than the reconnect delay
+            assert peer.connections == 1 and _other_tasks() == []
+
+    _run(loop_factory, scenario)
