@@ -692,6 +692,11 @@ cdef class Session:
         """None when nothing awaits an acknowledgement, else a future for that moment."""
         if not self.inflight and not self.backlog:
             return None
+        if len(self.idle_waiters) >= 16:
+            # Drop futures nobody waits on any more (flush() timed out and
+            # cancelled its own): a flush loop during a long outage with a
+            # persistent session must not grow this list without bound.
+            self.idle_waiters = [f for f in self.idle_waiters if not f.done()]
         fut = self.loop.create_future()
         self.idle_waiters.append(fut)
         return fut

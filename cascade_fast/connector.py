@@ -454,6 +454,7 @@ class FastMqttConnector:
             try:
                 await asyncio.wait_for(asyncio.shield(acked), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
+                acked.cancel()  # nobody waits on it now: the session may forget it
                 raise TimeoutError(
                     f"flush: {self._session.inflight_count + self._session.backlog_count} publishes "
                     f"not acknowledged within {limit} s"

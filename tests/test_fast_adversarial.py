@@ -501,3 +501,24 @@ def test_disconnect_during_connect_wins(loop_factory):
             assert peer.connections == 1 and _other_tasks() == []
 
     _run(loop_factory, scenario)
+
+
+async def test_flush_timeouts_do_not_accumulate_waiters():
+    """Repeated flush() timeouts while acknowledgements never come leave no futures piling up in the session."""
+
+    def futures() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if type(o) is asyncio.Future)
+
+    async with ScriptedPeer(ack_publish=False) as peer:
+        conn = _connector(peer, keepalive=30)
+        await conn.connect()  # the birth message stays unacknowledged
+        before = futures()
+        for _ in range(60):
+            with pytest.raises(TimeoutError):
+                await conn.flush(timeout=0.001)
+        assert futures() - before <= 16
+        peer.ack_publish = True
+        peer.send(wire.encode_puback(1))  # the birth message, at last
+        await conn.flush(timeout=5)
+        await conn.disconnect()
