@@ -525,11 +525,25 @@ cdef class TopicTrie:
         ``$share/{group}/{filter}`` pair is stored under ``{filter}``.
         """
         cdef bytes pattern = (<str>_matching_filter(topic_filter)).encode("utf-8")
-        cdef int32_t index = _find_or_create(self, pattern, len(pattern), True)
-        cdef _Node *node = &self._nodes[index]
-        cdef _NodeCold *cold = &self._cold[index]
+        cdef int32_t index
+        cdef _Node *node
+        cdef _NodeCold *cold
         cdef uint32_t cap
         cdef int64_t *seqs
+        cdef uint64_t generation
+        while True:
+            index = _find_or_create(self, pattern, len(pattern), True)
+            generation = self._generation
+            # A new list, never an append: the old one may be a cached result or
+            # be held by a match_shared caller. Allocating it may run the cyclic
+            # GC, and so finalizers that change the trie (moving or freeing
+            # nodes): take node pointers only after, and start over if it did.
+            old = self._values[index]
+            new = [value] if old is None else (<list>old) + [value]
+            if self._generation == generation:
+                break
+        node = &self._nodes[index]
+        cold = &self._cold[index]
         if node.nvalues == UINT32_MAX:
             raise OverflowError("too many values under one topic filter")
         if node.nvalues == cold.seqs_cap:
@@ -539,10 +553,6 @@ cdef class TopicTrie:
                 raise MemoryError()
             cold.seqs = seqs
             cold.seqs_cap = cap
-        # A new list, never an append: the old one may be a cached result or
-        # be held by a match_shared caller.
-        old = self._values[index]
-        new = [value] if old is None else (<list>old) + [value]
         self._values[index] = new
         node.values = <PyObject *>new  # _values owns it
         self._seq += 1
@@ -578,13 +588,17 @@ cdef class TopicTrie:
         if self._generation != generation:
             # `==` ran user code that changed the trie: `index` may be stale.
             raise RuntimeError("TopicTrie changed during remove() (by a value's __eq__)")
+        # Built before the node is touched: allocating may run the cyclic GC,
+        # whose finalizers may change the trie (then `index` may be stale).
+        new = (<list>values)[:position] + (<list>values)[position + 1:] if len(<list>values) > 1 else None
+        if self._generation != generation:
+            raise RuntimeError("TopicTrie changed during remove() (by a finalizer)")
         node = &self._nodes[index]
         node.nvalues -= 1
         seqs = self._cold[index].seqs
         memmove(&seqs[position], &seqs[position + 1], <size_t>(node.nvalues - position) * sizeof(int64_t))
         # `values` and `candidate` stay referenced until we return, so no
         # finalizer runs while the structure is half updated.
-        new = (<list>values)[:position] + (<list>values)[position + 1:] if node.nvalues else None
         self._values[index] = new
         node.values = <PyObject *>new if new is not None else NULL  # _values owns it
         self._count -= 1
@@ -605,6 +619,9 @@ cdef class TopicTrie:
     def clear(self):
         """Remove every pair (and the cache)."""
         cdef int32_t i
+        # Allocated first: allocating may run finalizers (cyclic GC) that use
+        # the trie, which must not see nodes released but _values still long.
+        fresh = [None]
         for i in range(self._nnodes):
             if self._cold[i].used:
                 _release_node(self, i)
@@ -614,7 +631,7 @@ cdef class TopicTrie:
         self._count = 0
         self._generation += 1
         old_values = self._values
-        self._values = [None]
+        self._values = fresh
         _invalidate(self)
         del old_values  # finalizers of the old values run now, on a consistent trie
 
@@ -654,9 +671,9 @@ cdef class TopicTrie:
             # wildcards, as in the pure twin. Not cached (never from a broker).
             PyErr_Clear()
             encoded = topic.encode("utf-8", "surrogatepass")
-            return _walk(self, <bytes>encoded, len(<bytes>encoded))
+            return _walk_stable(self, <bytes>encoded, len(<bytes>encoded))
         if self._cache_size == 0:
-            return _walk(self, data, size)
+            return _walk_stable(self, data, size)
         tag = <uint32_t>(cf_hash(data, <size_t>size) >> 32)
         if self._cache_table != NULL:
             j = tag & self._cache_mask
@@ -673,7 +690,7 @@ cdef class TopicTrie:
                     if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
                         return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
                 j = (j + 1) & self._cache_mask
-        result = _walk(self, data, size)
+        result = _walk_stable(self, data, size)
         _cache_insert(self, topic, tag, result)
         return result
 
@@ -737,8 +754,20 @@ cdef int _invalidate(TopicTrie self) except -1:
     return 0
 
 
+cdef list _walk_stable(TopicTrie self, const char *data, Py_ssize_t size):
+    """`_walk`, again until no finalizer changed the trie while it collected the result."""
+    cdef list result
+    while True:
+        result = _walk(self, data, size)
+        if result is not None:
+            return result
+
+
 cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
-    """Match the topic whose UTF-8 bytes are `data`: the shared empty list, a node's own list, or a new merged one."""
+    """Match the topic whose UTF-8 bytes are `data`: the shared empty list, a node's own list, or a new merged one.
+
+    None when a finalizer changed the trie meanwhile (see `_collect`).
+    """
     cdef const _Node *nodes = self._nodes
     cdef const _Node *node
     cdef _Step inline_stack[INLINE_STACK]
@@ -823,7 +852,7 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
 
 
 cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
-    """The values of the matched nodes, merged into add() order."""
+    """The values of the matched nodes, merged into add() order; None if the trie changed meanwhile."""
     cdef Py_ssize_t total = 0
     cdef Py_ssize_t i, j, k
     cdef const _Node *node
@@ -836,8 +865,15 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
     if nfound == 1:
         # One node: its list is in add() order and never changes; share it.
         return <list>self._nodes[found[0]].values
+    cdef uint64_t generation = self._generation
     for i in range(nfound):
         total += self._nodes[found[i]].nvalues
+    # Allocated before any value pointer is read: PyList_New may run the
+    # cyclic GC, whose finalizers may change the trie (freeing the values,
+    # moving the nodes). None tells the caller to walk again.
+    result = PyList_New(total)
+    if self._generation != generation:
+        return None
     if total > INLINE_PAIRS:
         pairs = <_Pair *>malloc(<size_t>total * sizeof(_Pair))
         if pairs == NULL:
@@ -863,7 +899,6 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
                 pairs[j + 1] = pair
         else:
             qsort(pairs, <size_t>total, sizeof(_Pair), _cmp_pairs)
-        result = PyList_New(total)
         for i in range(total):
             Py_INCREF(<object>pairs[i].value)
             PyList_SET_ITEM_STEAL(result, i, pairs[i].value)
