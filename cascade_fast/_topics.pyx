@@ -691,12 +691,16 @@ cdef class TopicTrie:
                         return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
                 j = (j + 1) & self._cache_mask
         result = _walk_stable(self, data, size)
-        _cache_insert(self, topic, tag, result)
+        _cache_insert(self, topic, tag, result, self._generation)
         return result
 
 
-cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result) except -1:
-    """Remember `result` for `topic` (hash tag `tag`), resetting the cache first when it is full."""
+cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result, uint64_t generation) except -1:
+    """Remember `result` for `topic` (hash tag `tag`), resetting the cache first when it is full.
+
+    `generation` is the trie's when `result` was computed: nothing is cached
+    if a finalizer (run by the GC while the cache was reset) changed it since.
+    """
     cdef Py_ssize_t entry = len(self._cache_keys)
     cdef uint32_t size, j, k
     cdef _CacheSlot *table
@@ -704,7 +708,9 @@ cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result) exc
         # Full: start over. Every cached value is still in the trie, so
         # dropping the old lists runs no finalizer.
         _cache_reset(self)
-        entry = 0
+        entry = len(self._cache_keys)  # 0, unless a finalizer matched meanwhile
+    if self._generation != generation or entry >= self._cache_size:
+        return 0
     if self._cache_table == NULL or <size_t>(entry + 1) * 2 > <size_t>self._cache_mask + 1:
         # Grow (or start) the table, at most half full; calloc: all slots empty.
         size = (self._cache_mask + 1) * 2 if self._cache_table != NULL else 64
@@ -733,11 +739,15 @@ cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result) exc
 
 cdef int _cache_reset(TopicTrie self) except -1:
     """Empty the cache and give its table back (it regrows with use)."""
+    # Both lists first: allocating may run the cyclic GC, and a finalizer
+    # that matches must find keys, results and table still in step.
+    keys = []
+    results = []
     free(self._cache_table)
     self._cache_table = NULL
     self._cache_mask = 0
-    self._cache_keys = []
-    self._cache_results = []
+    self._cache_keys = keys
+    self._cache_results = results
     return 0
 
 
