@@ -1,8 +1,12 @@
-"""An independent MQTT client for the behaviour tests: watches topics and publishes.
+"""An independent MQTT observer for the behaviour tests: watches topics and publishes.
 
-Built on plain aiomqtt, never on a connector under test, so what it sees (a
-retained birth message, a Last Will, a publish) is the broker's word, not
-the connector's.
+Built on Mosquitto's own command-line clients (``mosquitto_sub`` and
+``mosquitto_pub``, Debian package ``mosquitto-clients``), in subprocesses: it
+shares no code and no event loop with any connector under test, so what it
+sees (a retained birth message, a Last Will, a publish) is the broker's word,
+not the connector's. (An aiomqtt watcher in the test's loop was tried first;
+on uvloop it occasionally stopped receiving after a broker restart, which
+made it a flaky witness.)
 """
 
 from __future__ import annotations
@@ -10,15 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import shutil
 from dataclasses import dataclass
 from typing import Callable
-
-import aiomqtt
 
 __all__ = ["Received", "Recorder", "Watcher", "eventually"]
 
 #: Default seconds to wait for something the broker should do promptly.
 TIMEOUT = 10.0
+#: mosquitto_sub's line for one message: retain flag, QoS, hex payload, topic
+#: last (a topic may contain spaces, hex never does).
+_FORMAT = "MSG %r %q %x %t"
+
+
+def _client(name: str) -> str:
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    if not shutil.which(path):
+        raise RuntimeError(f"{name} not found: apt-get install mosquitto-clients")
+    return path
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,7 @@ class Watcher:
     """Subscribes to `filters` on `broker` and records every message, in arrival order.
 
     Use as ``async with Watcher(broker, "a/#") as w:``; the subscriptions
-    are acknowledged when the block starts.
+    are acknowledged (SUBACK) when the block starts.
     """
 
     def __init__(self, broker, *filters: str, qos: int = 1) -> None:
@@ -42,37 +55,58 @@ class Watcher:
         self._qos = qos
         self.messages: list[Received] = []
         self._changed = asyncio.Event()
-        self._client: aiomqtt.Client | None = None
+        self._subscribed = asyncio.Event()
+        self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Watcher:
-        self._client = aiomqtt.Client(
-            self._broker.host, self._broker.port, identifier=f"watcher-{secrets.token_hex(4)}", timeout=TIMEOUT
-        )
-        await self._client.__aenter__()
+        if not self._filters:
+            return self  # publish-only
+        command = [
+            # Line-buffered, or the pipe would hold the lines back.
+            _client("stdbuf"), "-oL", _client("mosquitto_sub"),
+            "-h", self._broker.host, "-p", str(self._broker.port), "-V", "mqttv311",
+            "-i", f"watcher-{secrets.token_hex(4)}", "-q", str(self._qos), "-d", "-F", _FORMAT,
+        ]  # fmt: skip
         for topic_filter in self._filters:
-            await self._client.subscribe(topic_filter, qos=self._qos)
+            command += ["-t", topic_filter]
+        self._proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        )
         self._task = asyncio.get_running_loop().create_task(self._collect(), name="test watcher")
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), TIMEOUT)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def _collect(self) -> None:
-        assert self._client is not None
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for message in self._client.messages:
-                self.messages.append(Received(message.topic.value, bytes(message.payload), bool(message.retain), message.qos))
+        assert self._proc is not None and self._proc.stdout is not None
+        async for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith("MSG "):
+                _, retain, qos, payload, topic = line.split(" ", 4)
+                self.messages.append(Received(topic, bytes.fromhex(payload), retain == "1", int(qos)))
                 self._changed.set()
+            elif line.startswith("Subscribed (mid:"):
+                self._subscribed.set()
 
     async def __aexit__(self, *exc_info: object) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.terminate()
+            await self._proc.wait()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
-        if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._client.__aexit__(None, None, None)
+            # stdout reaches EOF once the process is gone.
+            await asyncio.wait([self._task], timeout=TIMEOUT)
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task])
 
-    async def wait_for(self, predicate: Callable[[Received], bool], timeout: float = TIMEOUT) -> Received:
-        """The first message (already received or still to come) for which `predicate` holds."""
-        seen = 0
+    async def wait_for(self, predicate: Callable[[Received], bool], timeout: float = TIMEOUT, *, since: int = 0) -> Received:
+        """The first message from index `since` on (received or still to come) for which `predicate` holds."""
+        seen = since
 
         async def scan() -> Received:
             nonlocal seen
@@ -90,9 +124,21 @@ class Watcher:
             raise AssertionError(f"no matching message within {timeout} s; got {self.messages!r}") from None
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and wait for the broker's acknowledgement (QoS 1 by default)."""
-        assert self._client is not None
-        await self._client.publish(topic, payload, qos=qos, retain=retain)
+        """Publish with mosquitto_pub; returns once it exited (for QoS 1, after the broker's PUBACK)."""
+        command = [
+            _client("mosquitto_pub"), "-h", self._broker.host, "-p", str(self._broker.port), "-V", "mqttv311",
+            "-i", f"publisher-{secrets.token_hex(4)}", "-q", str(qos), "-t", topic,
+        ]  # fmt: skip
+        if retain:
+            command.append("-r")
+        # -n: an empty (null) message; -s: the message is stdin, binary-safe.
+        command.append("-s" if payload else "-n")
+        proc = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(proc.communicate(payload if payload else None), TIMEOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"mosquitto_pub failed ({proc.returncode}): {stderr.decode(errors='replace')}")
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = TIMEOUT, what: str = "condition") -> None:

@@ -13,6 +13,7 @@ from fake_broker import FakeBroker
 from cascade.connectors.mqtt import _common
 from cascade_fast._errors import ConnectRefusedError, SubscribeRefusedError
 from observer import Recorder, Watcher, eventually
+from proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault, pytest.mark.usefixtures("loop_guard")]
 
@@ -107,7 +108,9 @@ async def test_flush_times_out_when_the_broker_does_not_acknowledge(connector_fa
 async def test_reconnects_and_resubscribes_after_a_broker_restart(connector_factory, private_broker, how):
     """After the broker restarts on its port: reconnect, presence re-announced, filters re-subscribed, delivery resumes."""
     topic = f"resume/{secrets.token_hex(4)}"
-    connector = connector_factory(private_broker)
+    # A short connect_timeout bounds how long a connection that came up
+    # broken may take to be given up.
+    connector = connector_factory(private_broker, connect_timeout=2.0)
     status = _common.status_topic(connector.source_id)
     recorder = Recorder()
     await connector.subscribe(topic, recorder)
@@ -148,3 +151,33 @@ async def test_publish_during_an_outage_is_counted_not_raised(connector_factory,
     lost = sum(after[key] - before[key] for key in ("dropped", "publish_errors"))
     assert lost == 2
     assert after["published"] == before["published"]
+
+
+async def test_network_cut_fires_the_will_then_presence_and_delivery_come_back(connector_factory, broker):
+    """A cut connection (broker up): the Will says offline, the reconnect says online again, and delivery resumes."""
+    topic = f"cut/{secrets.token_hex(4)}"
+    async with TcpProxy(broker) as proxy, Watcher(broker) as outsider:
+        connector = connector_factory(proxy)
+        status = _common.status_topic(connector.source_id)
+        recorder = Recorder()
+        await connector.subscribe(topic, recorder)
+        async with Watcher(broker, status) as watcher:
+            await connector.connect()
+            await watcher.wait_for(lambda m: m.payload == _common.ONLINE_PAYLOAD)
+            mark = len(watcher.messages)
+
+            proxy.cut()
+
+            will = await watcher.wait_for(lambda m: m.payload == _common.OFFLINE_PAYLOAD, since=mark)
+            back = await watcher.wait_for(lambda m: m.payload == _common.ONLINE_PAYLOAD, since=watcher.messages.index(will) + 1)
+            assert back.topic == status
+        try:
+            # Retained, so it arrives whether the re-subscription comes before or after it.
+            await outsider.publish(topic, b'{"after": "cut"}', retain=True)
+            await recorder.wait_for({"after": "cut"})
+        finally:
+            await outsider.publish(topic, b"", retain=True)
+        stats = connector.stats()
+        assert stats["reconnects"] >= 1 and stats["connected"] == 1
+        assert proxy.accepted >= 2
+        await connector.disconnect()

@@ -318,13 +318,21 @@ class _Engine:
                     logger.info("reconnected to %s:%d as %s", self.hostname, self.port, self.client_id)
                 lost: BaseException | None = None
                 try:
-                    await self._on_connack(client)
-                    if not first_connect.done():
-                        first_connect.set_result(None)
-                    lost = await self._message_loop(client)
+                    try:
+                        await self._on_connack(client)
+                    except (ConnectionError, MqttError) as exc:
+                        lost = exc
+                    else:
+                        if not first_connect.done():
+                            first_connect.set_result(None)
+                        lost = await self._message_loop(client)
                 finally:
                     self._connection_lost(client)
                     await self._close(client, graceful=lost is None and not self._aborted)
+                if not first_connect.done():
+                    # The first connection broke before it was usable.
+                    first_connect.set_exception(lost)
+                    return
                 logger.warning(
                     "connection to %s:%d lost (%s); reconnecting", self.hostname, self.port, lost
                 )
@@ -460,14 +468,24 @@ class _Engine:
             raise ConnectionError(f"connection to {self.hostname}:{self.port} lost right after CONNACK")
 
     async def _on_connack(self, client: aiomqtt.Client) -> None:
-        """After every CONNACK: announce presence, then re-subscribe every registered filter."""
+        """After every CONNACK: announce presence, re-subscribe every filter, and check both were answered.
+
+        The broker's PUBACK for the birth message and its SUBACK prove the
+        connection works both ways. Without them (within connect_timeout)
+        the connection is unusable even though CONNACK came (seen with
+        aiomqtt on uvloop when a socket's poll handle dies), and
+        ConnectionError makes the supervisor reconnect instead of keeping a
+        connection that will never deliver.
+        """
         self._client = client
         self._acked.clear()
-        await self._send(self.status_topic, ONLINE_PAYLOAD, 1, True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
+        birth = await self._send(self.status_topic, ONLINE_PAYLOAD, 1, True)
         filters = list(self._filters)
-        if not filters:
-            return
-        results = await self._broker_subscribe(client, filters)
+        results = await self._broker_subscribe(client, filters) if filters else {}
+        if any(code is None for code in results.values()):
+            raise ConnectionError(f"no SUBACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s")
         for topic_filter, code in results.items():
             if code is not None and code >= _SUBACK_FAILURE:
                 # Nobody to raise to: the callbacks stay registered and the
@@ -479,6 +497,16 @@ class _Engine:
                     topic_filter,
                     code,
                 )
+        if birth is None:
+            raise ConnectionError(f"connection to {self.hostname}:{self.port} lost right after CONNACK")
+        while self._unconfirmed.get(birth.mid) is birth:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._client is not client:
+                raise ConnectionError(f"no PUBACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s")
+            try:
+                await self._wait_progress(remaining)
+            except asyncio.TimeoutError:
+                pass
 
     async def _message_loop(self, client: aiomqtt.Client) -> BaseException:
         """Dispatch messages in arrival order until the connection is lost; returns why."""
@@ -600,8 +628,11 @@ class _Engine:
             raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
         await self._send(topic, encode_payload(payload), qos, bool(retain))
 
-    async def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
-        """Hand one PUBLISH to paho without waiting for it: counts, never raises for network state."""
+    async def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo | None:
+        """Hand one PUBLISH to paho without waiting for it: counts, never raises for network state.
+
+        Returns paho's message info, or None when the publish was dropped or failed.
+        """
         while len(self._unconfirmed) >= _MAX_UNCONFIRMED and self._client is not None:
             # Backpressure: wait for the broker instead of queueing without bound.
             await self._wait_progress(None)
@@ -616,7 +647,7 @@ class _Engine:
                 self.port,
                 topic,
             )
-            return
+            return None
         # paho's publish only queues the packet (the loop writes it), so this
         # does not block; aiomqtt's publish() would wait for the PUBACK.
         info = client._client.publish(topic, data, qos, retain)
@@ -629,10 +660,11 @@ class _Engine:
                 topic,
                 paho.error_string(info.rc),
             )
-            return
+            return None
         self._counters["published"] += 1
         if not info.is_published():
             self._unconfirmed[info.mid] = info
+        return info
 
     def _on_publish_confirmed(self, mid: int) -> None:
         """paho's on_publish: written (QoS 0), PUBACK (QoS 1) or PUBCOMP (QoS 2) arrived."""
@@ -873,8 +905,8 @@ class PyMqttConnector:
         Raises `ConnectRefusedError` for a non-zero CONNACK, `ConnectionError`
         or `OSError` when the broker is unreachable, `TimeoutError` after
         ``connect_timeout`` (applied to the TCP connect and to the CONNACK
-        wait). Returns once CONNACK arrived, presence was announced and the
-        filters subscribed so far were acknowledged.
+        wait). Returns once CONNACK arrived and the broker acknowledged the
+        presence announcement and the filters subscribed so far.
         """
         await self._engine.connect()
 
