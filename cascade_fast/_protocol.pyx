@@ -298,8 +298,10 @@ cdef class Dispatcher:
                         self._failed(sub, topic, exc)
                         continue
                     awaitable = _Resume(result, yielded)
-            elif hasattr(result, "__await__"):
+            elif hasattr(type(result), "__await__"):
                 # Some other awaitable (a Future, a Cython coroutine): let the task await it.
+                # Looked up on the type, as `await` does: an instance __getattr__
+                # (user code, here outside any try) is never called.
                 awaitable = result
             else:
                 # A plain callback's return value is ignored.
@@ -401,7 +403,7 @@ async def _drain(Dispatcher self, Subscription sub, str topic, object awaitable)
                     data = decoded
                 try:
                     result = sub.callback(topic, data)
-                    if result is not None and hasattr(result, "__await__"):
+                    if result is not None and hasattr(type(result), "__await__"):
                         # Inside this task: a coroutine that does not suspend
                         # completes within this step.
                         await result

@@ -522,3 +522,28 @@ async def test_flush_timeouts_do_not_accumulate_waiters():
         peer.send(wire.encode_puback(1))  # the birth message, at last
         await conn.flush(timeout=5)
         await conn.disconnect()
+
+
+@both_loops
+def test_callback_returning_an_object_whose_getattr_raises(loop_factory):
+    """A callback's odd return value (its __getattr__ raises) is ignored like any plain return value; it must not drop the connection."""
+
+    class Odd:
+        def __getattr__(self, name: str) -> Any:
+            raise RuntimeError(f"no {name} here")
+
+    async def scenario(errors: list) -> None:
+        async with ScriptedPeer() as peer:
+            conn = _connector(peer, keepalive=30)
+            await conn.connect()
+            seen: list[int] = []
+            await conn.subscribe("o/#", lambda t, d: Odd())
+            await conn.subscribe("o/#", lambda t, d: seen.append(d["n"]))
+            peer.send(b"".join(_publish("o/x", b'{"n":%d}' % n) for n in range(5)))
+            await _eventually(lambda: len(seen) == 5, what="delivery")
+            stats = conn.stats()
+            assert stats["reconnects"] == 0 and stats["protocol_errors"] == 0
+            assert stats["dispatched"] == 10 and stats["callback_errors"] == 0
+            await conn.disconnect()
+
+    _run(loop_factory, scenario)
