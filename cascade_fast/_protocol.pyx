@@ -440,7 +440,8 @@ cdef class Session:
     Outbound QoS 1/2 messages get a packet id and enter an in-flight window
     of `max_inflight`; more wait in a backlog (their publish() call waits).
     With ``clean_session=False`` unacknowledged messages survive a lost
-    connection and are re-sent with DUP=1 after the next CONNACK (§4.4);
+    connection and are re-sent with DUP=1 after the next CONNACK (§4.4),
+    and queued ones are sent then (their publish() calls return at the loss);
     with a clean session the broker forgets them too, so they are counted
     in ``publish_errors`` (in flight) or ``dropped`` (backlog).
     """
@@ -734,6 +735,13 @@ cdef class Session:
             return 0
         self.proto = None
         if not self.clean_session:
+            # The messages stay queued for the next connection, but their
+            # publish() calls return now: a caller must not hang through an
+            # outage (publishes made meanwhile are dropped and counted, so the
+            # backlog cannot grow until the reconnect).
+            for msg in self.backlog:
+                if msg.waiter is not None and not msg.waiter.done():
+                    msg.waiter.set_result(None)
             return 0
         n = len(self.inflight)
         if n:

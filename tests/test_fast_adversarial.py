@@ -547,3 +547,23 @@ def test_callback_returning_an_object_whose_getattr_raises(loop_factory):
             await conn.disconnect()
 
     _run(loop_factory, scenario)
+
+
+async def test_window_waiters_are_released_when_a_persistent_session_connection_is_lost():
+    """With clean_session=False a publish() waiting for a window slot returns on a lost connection (no hang through an outage); its message stays queued and is sent after the reconnect."""
+    async with ScriptedPeer(ack_publish=False) as peer:
+        conn = _connector(peer, keepalive=30, max_inflight=1, clean_session=False)
+        await conn.connect()  # the unacknowledged birth message holds the only slot
+        waiting = asyncio.ensure_future(conn.publish("pw/queued", {"n": 1}, qos=1))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and conn.stats()["backlog"] == 1
+        peer.connack_code = 3  # "server unavailable": the outage lasts
+        peer.drop()
+        await asyncio.wait_for(waiting, 5)
+        assert conn.stats()["backlog"] == 1 and conn.stats()["dropped"] == 0
+        peer.connack_code = 0
+        peer.ack_publish = True
+        await _eventually(lambda: conn.is_connected, what="reconnect")
+        await peer.wait_for(lambda p: p.type == "PUBLISH" and p.topic == "pw/queued")
+        await conn.flush(timeout=5)
+        await conn.disconnect()
