@@ -104,7 +104,7 @@ cdef class MqttProtocol(PacketSink):
         bytes connect_packet         # CONNECT, written in connection_made
         readonly object connack      # future: (session_present, return_code)
         readonly object closed       # future: resolved (exception or None) in connection_lost
-        dict acks                    # SUBSCRIBE/UNSUBSCRIBE packet id -> future of SUBACK codes / None
+        dict acks                    # SUBSCRIBE/UNSUBSCRIBE packet id -> (future of SUBACK codes / None, filters in a SUBSCRIBE or 0)
         int state                    # ST_* enum in _protocol.pyx
         bytearray wbuf               # writes made in this loop iteration, flushed once
         bint flush_scheduled         # a call_soon(_flush) is pending

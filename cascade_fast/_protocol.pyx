@@ -890,7 +890,7 @@ cdef class MqttProtocol(PacketSink):
             _fail(self.connack, err)
         acks = self.acks
         self.acks = {}
-        for fut in acks.values():
+        for fut, _ in acks.values():
             _fail(fut, ConnectionError("connection lost before the acknowledgement"))
         self._wake_drain()
         if not self.closed.done():
@@ -940,10 +940,23 @@ cdef class MqttProtocol(PacketSink):
             self.session.inbound_qos2.discard(packet.packet_id)
             self._write(_encode_pubcomp(packet.packet_id))
         elif kind == "SUBACK" or kind == "UNSUBACK":
-            fut = self.acks.pop(packet.packet_id, None)
-            if fut is None:
+            entry = self.acks.get(packet.packet_id)
+            if entry is None:
                 self.logger.debug("%s for unknown packet id %d ignored", kind, packet.packet_id)
-            elif not fut.done():
+                return 0
+            fut, filters = entry
+            # filters: how many the SUBSCRIBE carried, 0 for an UNSUBSCRIBE.
+            if (kind == "SUBACK") != (filters > 0):
+                raise ProtocolError(
+                    f"{kind} for packet id {packet.packet_id}, which is an "
+                    f"{'UNSUBSCRIBE' if kind == 'SUBACK' else 'SUBSCRIBE'} (MQTT 3.1.1 §3.9, §3.11)"
+                )
+            if kind == "SUBACK" and len(packet.return_codes) != filters:
+                raise ProtocolError(
+                    f"SUBACK with {len(packet.return_codes)} return codes for {filters} topic filters (MQTT 3.1.1 §3.9.3)"
+                )
+            del self.acks[packet.packet_id]
+            if not fut.done():
                 fut.set_result(list(packet.return_codes) if kind == "SUBACK" else None)
         elif kind == "PINGRESP":
             self.ping_sent = 0
@@ -1030,7 +1043,7 @@ cdef class MqttProtocol(PacketSink):
         cdef int pid = self.session._alloc_packet_id()
         fut = self.loop.create_future()
         self._write(_encode_subscribe(pid, filters))
-        self.acks[pid] = fut
+        self.acks[pid] = (fut, len(filters))  # the SUBACK must have one code per filter
         return fut
 
     cpdef object unsubscribe(self, list filters):
@@ -1038,7 +1051,7 @@ cdef class MqttProtocol(PacketSink):
         cdef int pid = self.session._alloc_packet_id()
         fut = self.loop.create_future()
         self._write(_encode_unsubscribe(pid, filters))
-        self.acks[pid] = fut
+        self.acks[pid] = (fut, 0)
         return fut
 
     def send_disconnect(self):

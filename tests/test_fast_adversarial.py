@@ -567,3 +567,37 @@ async def test_window_waiters_are_released_when_a_persistent_session_connection_
         await peer.wait_for(lambda p: p.type == "PUBLISH" and p.topic == "pw/queued")
         await conn.flush(timeout=5)
         await conn.disconnect()
+
+
+class _MisackingPeer(ScriptedPeer):
+    """Answers SUBSCRIBE wrongly (`mode`): with an UNSUBACK, or a SUBACK with an extra return code."""
+
+    mode = "unsuback"
+
+    def _answer(self, packet: Any) -> bytes | None:
+        if packet.type == "SUBSCRIBE" and self.mode == "unsuback":
+            return wire.encode_unsuback(packet.packet_id)
+        if packet.type == "SUBSCRIBE" and self.mode == "extra-code":
+            return wire.encode_suback(packet.packet_id, [qos for _, qos in packet.topics] + [0])
+        return super()._answer(packet)
+
+
+@pytest.mark.parametrize("mode", ["unsuback", "extra-code"])
+async def test_wrong_acknowledgement_of_subscribe_is_a_protocol_error(mode):
+    """An UNSUBACK answering a SUBSCRIBE, or a SUBACK whose return codes do not match its filters (§3.9.3), closes the connection as a protocol error; once the broker answers right, subscriptions work."""
+    async with _MisackingPeer() as peer:
+        peer.mode = mode
+        conn = _connector(peer, keepalive=30)
+        await conn.connect()
+        seen: list[Any] = []
+        await asyncio.wait_for(conn.subscribe("ms/#", lambda t, d: seen.append(d)), 5)  # lost before SUBACK: kept
+        await _eventually(lambda: conn.stats()["protocol_errors"] >= 1, what="protocol error")
+        peer.mode = "right"
+        # Every misanswered connection counted once; the one after the switch is clean.
+        await _eventually(
+            lambda: conn.is_connected and conn.stats()["protocol_errors"] == peer.connections - 1, what="a clean connection"
+        )
+        await asyncio.sleep(0.1)  # its SUBACK
+        peer.send(_publish("ms/x", b'{"n":1}'))
+        await _eventually(lambda: seen == [{"n": 1}], what="delivery once subscribed")
+        await conn.disconnect()
