@@ -7,10 +7,12 @@ two equal. Why a separate .pyx rather than compiling the twin: a cold match
 must cost about 200 ns, which rules out a substring and a dict lookup per
 level. Here the topic is walked in place on its UTF-8 bytes (free for an
 ASCII str, which is its own UTF-8), 8 bytes at a time. A node with one
-literal child keeps it inline and compares length + memcmp; a node with
-more finds the child through a hand-written table of (hash tag, index)
-slots, and only there is the level hashed, in the same pass that finds its
-end. Each node's hot half is one 64-byte line; the rest lives apart.
+literal child keeps it inline, a node with more finds the child through a
+hand-written table; either way a child is a (hash tag, index) slot, and the
+level, hashed in the same pass that finds its end, is compared with the tag
+before the child node is loaded (then length + memcmp): a cold walk is
+bound by cache misses, not by hashing. Each node's hot half is one
+64-byte line; the rest lives apart.
 
 The result cache is a second hand-written table, keyed by a hash of the
 topic's UTF-8 bytes: a topic decoded from the network is a new str each
@@ -215,9 +217,11 @@ cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *
                            uint64_t h) noexcept nogil:
     """The literal child of `parent` whose level is the `n` bytes at `s`, or -1.
 
-    `h` (cf_level's hash of the level) is only read when the children are in
-    a table; inline children are compared directly, so the walk hashes a
-    level only at nodes with many children.
+    `h` is cf_level's hash of the level. Its top half is checked against
+    the slot's tag before the child node is read, inline slots included:
+    hashing a level costs a few nanoseconds, loading a child that does not
+    match costs a cache miss (with a cold cache, the common case under a
+    node whose one literal child is not the topic's level).
     """
     cdef uint32_t tag = <uint32_t>(h >> 32)
     cdef uint32_t k, j
@@ -226,6 +230,8 @@ cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *
     cdef const _Slot *slots
     if parent.table_mask == 0:
         for k in range(parent.kids_len):
+            if parent.inline_slots[k].tag != tag:
+                continue  # rejected without loading the child (likely a cache miss)
             c = parent.inline_slots[k].index
             node = &nodes[c]
             if node.keylen == n and memcmp(_key(node), s, n) == 0:
@@ -793,7 +799,7 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
     cdef int32_t index, child
     cdef Py_ssize_t start, following
     cdef size_t length
-    cdef uint64_t h = 0  # set by cf_level whenever _child reads it (node.table_mask != 0)
+    cdef uint64_t h = 0  # set by cf_level whenever _child reads it (node.kids_len != 0)
     cdef bint wild
     # MQTT 3.1.1 §4.7.2: wildcards at the first level skip "$" topics.
     cdef bint dollar = size > 0 and data[0] == b'$'
@@ -834,10 +840,10 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
                     found[nfound] = index
                     nfound += 1
                 continue
-            if node.table_mask:
+            if node.kids_len:
                 h = cf_level(data + start, <size_t>(size - start), <size_t>start, &length)
-            elif node.kids_len or (wild and node.plus >= 0):
-                length = cf_span(data + start, <size_t>(size - start), <size_t>start)  # no table: no hash
+            elif wild and node.plus >= 0:
+                length = cf_span(data + start, <size_t>(size - start), <size_t>start)  # no literal child: no hash
             else:
                 continue  # nothing below this node can match
             following = start + <Py_ssize_t>length + 1

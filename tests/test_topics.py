@@ -330,6 +330,35 @@ def test_long_levels_and_levels_sharing_a_prefix(Trie: Any):
     assert trie.match(f"{base}!/x") == []
 
 
+def test_a_lone_literal_child_is_matched_and_near_misses_are_not(Trie: Any):
+    """A node's only literal child (inline in the compiled twin, found by hash tag) matches exactly its level.
+
+    Covers every level length across the 8-byte words and the 16-byte
+    inline key, levels differing in one byte or one length, and children
+    moved back inline from a table after removals.
+    """
+    trie = Trie()
+    base = "abcdefghijklmnopqrstuvwxyz0123456789"
+    for cut in range(0, len(base) + 1):
+        level = base[:cut]
+        trie.add(f"p{cut}/{level}/end", cut)
+        trie.add(f"p{cut}/+/end", "plus")
+        assert trie.match(f"p{cut}/{level}/end") == [cut, "plus"]
+        assert trie.match(f"p{cut}/{level}!/end") == ["plus"]
+        if cut:
+            assert trie.match(f"p{cut}/{level[:-1]}/end") == ["plus"]
+            assert trie.match(f"p{cut}/{level[:-1]}?/end") == ["plus"]
+            assert trie.match(f"p{cut}/?{level[1:]}/end") == ["plus"]
+    siblings = [f"s{i}" for i in range(20)]
+    for name in siblings:
+        trie.add(f"q/{name}", name)
+    for name in siblings[1:]:
+        assert trie.remove(f"q/{name}", name) is True
+    assert trie.match("q/s0") == ["s0"]
+    assert trie.match("q/s1") == []
+    assert trie.match("q/s00") == []
+
+
 def test_deep_filters_and_topics_do_not_recurse(Trie: Any):
     """A filter of 30,000 levels (near the 65535-byte limit) adds, matches and removes without recursion."""
     trie = Trie()
