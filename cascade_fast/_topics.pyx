@@ -17,13 +17,19 @@ bound by cache misses, not by hashing. Each node's hot half is one
 The result cache is a second hand-written table, keyed by a hash of the
 topic's UTF-8 bytes: a topic decoded from the network is a new str each
 time, and siphash plus dict upkeep would cost more than the walk itself.
+Its occupancy is a bitmap of one bit per slot, small enough to stay in
+L1/L2, so a topic not cached yet is usually turned away without a cache
+miss into the table, and a reset (every add/remove) clears only the bitmap.
+A cached result is a result id, not a list: the one node whose values
+are the result (the common case), "no match", or a merged list.
 
 Python objects stay owned by Python lists (`_values`, `_cache_keys`,
-`_cache_results`), so the garbage collector sees every reference, and
-refcounts are handled by hand only when a merged result list is filled. A
-node's value list is never changed once built (add/remove build a new one),
-so a match that hits a single node shares that list as its cached result:
-no allocation at all.
+`_cache_merged`), so the garbage collector sees every reference, and
+refcounts are handled by hand only when a result list is filled. A node's
+value list is never changed once built (add/remove build a new one), so a
+match that hits a single node shares that list (`match_shared`, for the
+protocol: no allocation at all), and `match` builds its fresh one-value
+list from the node's borrowed `value0` without touching the shared list.
 
 Lone surrogates in a topic str have no UTF-8; such a topic is encoded with
 "surrogatepass" for the walk, and since no valid filter contains those
@@ -198,6 +204,14 @@ cdef enum:
     INLINE_PAIRS = 64     # (seq, value) pairs merged on the C stack
 
 
+cdef enum:
+    # Result ids (besides node indexes >= 0) -- see _CacheEntry.
+    _NO_MATCH = -1
+    _MERGED = -2        # the result is the list left in TopicTrie._merged_result
+    _LOOKUP_ERROR = -3  # an exception is set
+    _TRIE_CHANGED = -4  # a finalizer changed the trie during a walk: walk again
+
+
 ctypedef struct _Step:
     int32_t node          # node reached
     Py_ssize_t start      # byte offset of the next topic level, -1 when every level is consumed
@@ -224,20 +238,19 @@ cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *
     node whose one literal child is not the topic's level).
     """
     cdef uint32_t tag = <uint32_t>(h >> 32)
-    cdef uint32_t k, j
+    cdef uint32_t j
     cdef int32_t c
     cdef const _Node *node
     cdef const _Slot *slots
     if parent.table_mask == 0:
-        for k in range(parent.kids_len):
-            if parent.inline_slots[k].tag != tag:
-                continue  # rejected without loading the child (likely a cache miss)
-            c = parent.inline_slots[k].index
-            node = &nodes[c]
-            if node.keylen == n and memcmp(_key(node), s, n) == 0:
-                return c
+        if parent.kids_len == 0 or parent.kids.one.tag != tag:
+            return -1  # rejected without loading the child (likely a cache miss)
+        c = parent.kids.one.index
+        node = &nodes[c]
+        if node.keylen == n and memcmp(_key(node), s, n) == 0:
+            return c
         return -1
-    slots = parent.slots
+    slots = parent.kids.table
     j = <uint32_t>h & parent.table_mask
     while True:
         c = slots[j].index
@@ -253,24 +266,26 @@ cdef inline int32_t _child(const _Node *nodes, const _Node *parent, const char *
 cdef int _set_slots(TopicTrie trie, int32_t index, int32_t skip, uint32_t room) except -1:
     """Re-lay node `index`'s literal children without child `skip`, with room for `room` more.
 
-    Inline while they fit in the node, else a table at most half full.
+    Inline while there is at most one, else a table at most half full.
     """
     cdef _Node *parent = &trie._nodes[index]
-    cdef _Slot inline_copy[_INLINE_SLOTS]
+    cdef _Slot inline_copy
     cdef const _Slot *old
+    cdef _Slot *old_table = NULL
     cdef uint32_t old_len, count = 0, size = 16, k, j, mask
     cdef _Slot *table = NULL
     if parent.table_mask == 0:
-        memcpy(inline_copy, parent.inline_slots, sizeof(inline_copy))
-        old = inline_copy
+        inline_copy = parent.kids.one
+        old = &inline_copy
         old_len = parent.kids_len
     else:
-        old = parent.slots
+        old_table = parent.kids.table
+        old = old_table
         old_len = parent.table_mask + 1
     for k in range(old_len):
         if old[k].index >= 0 and old[k].index != skip:
             count += 1
-    if count + room > _INLINE_SLOTS:
+    if count + room > 1:
         while size < (count + room) * 2:
             size <<= 1
         table = <_Slot *>malloc(size * sizeof(_Slot))
@@ -285,15 +300,19 @@ cdef int _set_slots(TopicTrie trie, int32_t index, int32_t skip, uint32_t room) 
         if old[k].index < 0 or old[k].index == skip:
             continue
         if table == NULL:
-            parent.inline_slots[count] = old[k]
+            parent.kids.one = old[k]  # count == 0 here: at most one is kept inline
         else:
             j = <uint32_t>trie._cold[old[k].index].khash & mask
             while table[j].index >= 0:
                 j = (j + 1) & mask
             table[j] = old[k]
         count += 1
-    free(parent.slots)  # the old table, if any (`old` is not read after this)
-    parent.slots = table
+    free(old_table)  # `old` is not read after this
+    if table != NULL:
+        parent.kids.table = table
+    elif count == 0:
+        parent.kids.one.index = -1
+        parent.kids.one.tag = 0
     parent.table_mask = mask if table != NULL else 0
     parent.kids_len = count
     return 0
@@ -304,18 +323,18 @@ cdef int _attach(TopicTrie trie, int32_t parent_index, int32_t child_index) exce
     cdef _Node *parent = &trie._nodes[parent_index]
     cdef uint64_t h = trie._cold[child_index].khash
     cdef uint32_t j
-    if parent.table_mask == 0 and parent.kids_len < _INLINE_SLOTS:
-        parent.inline_slots[parent.kids_len].tag = <uint32_t>(h >> 32)
-        parent.inline_slots[parent.kids_len].index = child_index
-        parent.kids_len += 1
+    if parent.table_mask == 0 and parent.kids_len == 0:
+        parent.kids.one.tag = <uint32_t>(h >> 32)
+        parent.kids.one.index = child_index
+        parent.kids_len = 1
         return 0
     if parent.table_mask == 0 or (parent.kids_len + 1) * 2 > parent.table_mask + 1:
         _set_slots(trie, parent_index, -1, 1)  # into a (bigger) table first
     j = <uint32_t>h & parent.table_mask
-    while parent.slots[j].index >= 0:
+    while parent.kids.table[j].index >= 0:
         j = (j + 1) & parent.table_mask
-    parent.slots[j].tag = <uint32_t>(h >> 32)
-    parent.slots[j].index = child_index
+    parent.kids.table[j].tag = <uint32_t>(h >> 32)
+    parent.kids.table[j].index = child_index
     parent.kids_len += 1
     return 0
 
@@ -339,6 +358,7 @@ cdef void _init_node(TopicTrie trie, int32_t index, int32_t parent) noexcept nog
     memset(&trie._cold[index], 0, sizeof(_NodeCold))
     trie._nodes[index].plus = -1
     trie._nodes[index].hash = -1
+    trie._nodes[index].kids.one.index = -1
     trie._cold[index].parent = parent
     trie._cold[index].used = True
 
@@ -348,7 +368,8 @@ cdef void _release_node(TopicTrie trie, int32_t index) noexcept nogil:
     cdef _Node *node = &trie._nodes[index]
     if node.keylen > _INLINE_KEY:
         free(node.key.heap)
-    free(node.slots)
+    if node.table_mask:
+        free(node.kids.table)
     free(trie._cold[index].seqs)
     memset(node, 0, sizeof(_Node))
     trie._cold[index].seqs = NULL
@@ -474,9 +495,14 @@ cdef class TopicTrie:
         _init_node(self, 0, -1)
         self._values = [None]
         self._cache_keys = []
-        self._cache_results = []
+        self._cache_merged = []
+        self._cache_entries = NULL
+        self._cache_capacity = 0
+        self._cache_len = 0
         self._cache_table = NULL
+        self._cache_used = NULL
         self._cache_mask = 0
+        self._merged_result = None
         self._empty = []
         self._cache_size = DEFAULT_CACHE_SIZE
 
@@ -497,14 +523,18 @@ cdef class TopicTrie:
         self._nodes = NULL
         self._cold = NULL
         free(self._cache_table)
+        free(self._cache_used)
+        free(self._cache_entries)
         self._cache_table = NULL
+        self._cache_used = NULL
+        self._cache_entries = NULL
 
     def __len__(self):
         """The number of ``(filter, value)`` pairs."""
         return self._count
 
     def __repr__(self):
-        return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={len(self._cache_keys)}>"
+        return f"<{type(self).__module__}.{type(self).__name__} pairs={self._count} cached={self._cache_len}>"
 
     @property
     def cache_size(self) -> int:
@@ -518,7 +548,7 @@ cdef class TopicTrie:
         The compiled twin does not cache topics with lone surrogates (never
         received from a broker), so only there may the twins' counts differ.
         """
-        return len(self._cache_keys)
+        return self._cache_len
 
     def __reduce__(self):
         # Nodes are C memory; the pure twin refuses too, so both behave alike.
@@ -561,6 +591,7 @@ cdef class TopicTrie:
             cold.seqs_cap = cap
         self._values[index] = new
         node.values = <PyObject *>new  # _values owns it
+        node.value0 = PyList_GET_ITEM(new, 0)
         self._seq += 1
         cold.seqs[node.nvalues] = self._seq
         node.nvalues += 1
@@ -607,6 +638,7 @@ cdef class TopicTrie:
         # finalizer runs while the structure is half updated.
         self._values[index] = new
         node.values = <PyObject *>new if new is not None else NULL  # _values owns it
+        node.value0 = PyList_GET_ITEM(new, 0) if new is not None else NULL
         self._count -= 1
         self._generation += 1
         while index != 0:
@@ -648,142 +680,232 @@ cdef class TopicTrie:
         A new list on each call: the caller may keep or change it. The topic
         is not validated (see `cascade_fast._topics_py`).
         """
+        cdef int32_t result_id
+        cdef uint64_t generation
+        cdef PyObject *value
         if not PyUnicode_CheckExact(topic):
             if not isinstance(topic, str):
                 raise TypeError(f"topic must be str, not {type(topic).__name__}")
             # A str subclass may override __eq__/__hash__ or run code when
             # the cache drops it; match its exact-str copy (as the pure twin).
             topic = str.__str__(topic)
-        return PyList_GetSlice(self.match_shared(topic), 0, PY_SSIZE_T_MAX)
+        while True:
+            result_id = _lookup(self, topic)
+            if result_id == _MERGED:
+                merged = self._merged_result
+                self._merged_result = None
+                return PyList_GetSlice(merged, 0, PY_SSIZE_T_MAX)
+            if result_id == _NO_MATCH:
+                return []
+            if self._nodes[result_id].nvalues != 1:
+                shared = <list>self._nodes[result_id].values  # a strong reference while it is copied
+                return PyList_GetSlice(shared, 0, PY_SSIZE_T_MAX)
+            # The common case, one value: built from the node's own cache line.
+            # Allocating may run the cyclic GC, whose finalizers may change
+            # the trie: read the value only after, and look up again if it did.
+            generation = self._generation
+            result = PyList_New(1)
+            if self._generation != generation:
+                continue
+            value = self._nodes[result_id].value0
+            Py_INCREF(<object>value)
+            PyList_SET_ITEM_STEAL(result, 0, value)
+            return result
 
     cdef list match_shared(self, str topic):
-        # The cache is keyed by the topic's UTF-8 bytes under cf_hash rather
-        # than a dict keyed by str: a topic decoded from the network is a new
-        # str each time, and siphash plus dict upkeep cost more than the walk.
-        cdef Py_ssize_t size
-        cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
-        cdef uint32_t tag
-        cdef uint32_t j
-        cdef uint32_t entry
-        cdef PyObject *key
-        cdef const char *key_data
-        cdef Py_ssize_t key_size
-        if data == NULL and topic is None:  # a typed str is exact or None
-            PyErr_Clear()
+        cdef int32_t result_id
+        if topic is None:  # a typed str is exact or None
             raise TypeError("topic must be str, not NoneType")
-        if data == NULL:
-            # Lone surrogates: no UTF-8 exists. Their "surrogatepass" bytes
-            # occur in no valid filter, so such a level matches only
-            # wildcards, as in the pure twin. Not cached (never from a broker).
-            PyErr_Clear()
-            encoded = topic.encode("utf-8", "surrogatepass")
-            return _walk_stable(self, <bytes>encoded, len(<bytes>encoded))
-        if self._cache_size == 0:
-            return _walk_stable(self, data, size)
-        tag = <uint32_t>(cf_hash(data, <size_t>size) >> 32)
-        if self._cache_table != NULL:
-            j = tag & self._cache_mask
-            while True:
-                entry = self._cache_table[j].entry
-                if entry == 0:
-                    break
-                if self._cache_table[j].tag == tag:
-                    key = PyList_GET_ITEM(self._cache_keys, entry - 1)
-                    if key == <PyObject *>topic:
-                        return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
-                    # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
-                    key_data = PyUnicode_AsUTF8AndSize(<object>key, &key_size)
-                    if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
-                        return <list>PyList_GET_ITEM(self._cache_results, entry - 1)
-                j = (j + 1) & self._cache_mask
-        result = _walk_stable(self, data, size)
-        _cache_insert(self, topic, tag, result, self._generation)
-        return result
+        result_id = _lookup(self, topic)
+        if result_id >= 0:
+            # One node's list: in add() order and never changed once built.
+            return <list>self._nodes[result_id].values
+        if result_id == _NO_MATCH:
+            return self._empty
+        merged = self._merged_result
+        self._merged_result = None
+        return <list>merged
 
 
-cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, list result, uint64_t generation) except -1:
-    """Remember `result` for `topic` (hash tag `tag`), resetting the cache first when it is full.
+cdef inline bint _used(const uint64_t *bitmap, uint32_t j) noexcept nogil:
+    return (bitmap[j >> 6] >> (j & 63)) & 1
 
-    `generation` is the trie's when `result` was computed: nothing is cached
-    if a finalizer (run by the GC while the cache was reset) changed it since.
+
+cdef int32_t _lookup(TopicTrie self, str topic) except _LOOKUP_ERROR:
+    """The result id for `topic` (see _CacheEntry): from the cache, else from a walk that is then cached.
+
+    For _MERGED the list is in self._merged_result, set as the very last step
+    so that nothing (no allocation, no finalizer) runs before the caller
+    takes it.
     """
-    cdef Py_ssize_t entry = len(self._cache_keys)
-    cdef uint32_t size, j, k
-    cdef _CacheSlot *table
-    if entry >= self._cache_size:
+    # The cache is keyed by the topic's UTF-8 bytes under cf_hash rather
+    # than a dict keyed by str: a topic decoded from the network is a new
+    # str each time, and siphash plus dict upkeep cost more than the walk.
+    cdef Py_ssize_t size
+    cdef const char *data = PyUnicode_AsUTF8AndSize(topic, &size)
+    cdef uint32_t tag, j
+    cdef const _CacheEntry *entry
+    cdef const char *key_data
+    cdef Py_ssize_t key_size
+    cdef int32_t result_id
+    cdef uint64_t generation
+    if data == NULL:
+        # Lone surrogates: no UTF-8 exists. Their "surrogatepass" bytes
+        # occur in no valid filter, so such a level matches only
+        # wildcards, as in the pure twin. Not cached (never from a broker).
+        PyErr_Clear()
+        encoded = topic.encode("utf-8", "surrogatepass")
+        return _walk_stable(self, <bytes>encoded, len(<bytes>encoded))
+    if self._cache_size == 0:
+        return _walk_stable(self, data, size)
+    tag = <uint32_t>(cf_hash(data, <size_t>size) >> 32)
+    if self._cache_table != NULL:
+        j = tag & self._cache_mask
+        while _used(self._cache_used, j):
+            if self._cache_table[j].tag == tag:
+                entry = &self._cache_entries[self._cache_table[j].entry]
+                if entry.key == <PyObject *>topic:
+                    return _cached_result(self, entry.result)
+                # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
+                key_data = PyUnicode_AsUTF8AndSize(<object>entry.key, &key_size)
+                if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
+                    return _cached_result(self, entry.result)
+            j = (j + 1) & self._cache_mask
+    generation = self._generation
+    result_id = _walk_stable(self, data, size)
+    merged = None
+    if result_id == _MERGED:
+        merged = self._merged_result
+        self._merged_result = None
+    _cache_insert(self, topic, tag, result_id, merged, generation)
+    if result_id == _MERGED:
+        self._merged_result = merged
+    return result_id
+
+
+cdef inline int32_t _cached_result(TopicTrie self, int32_t result_id) noexcept:
+    """A cached result id as _lookup returns it: a merged list goes to self._merged_result."""
+    if result_id <= _MERGED:
+        self._merged_result = <object>PyList_GET_ITEM(self._cache_merged, _MERGED - result_id)
+        return _MERGED
+    return result_id
+
+
+cdef int _cache_insert(TopicTrie self, str topic, uint32_t tag, int32_t result_id, object merged,
+                       uint64_t generation) except -1:
+    """Remember `result_id` (with the list `merged` for _MERGED) for `topic`, resetting the cache when it is full.
+
+    `generation` is the trie's before the walk: nothing is cached if a
+    finalizer (run by the GC during the walk or the reset) changed it since.
+    """
+    cdef Py_ssize_t entry
+    cdef uint32_t j
+    if self._cache_len >= self._cache_size:
         # Full: start over. Every cached value is still in the trie, so
         # dropping the old lists runs no finalizer.
         _cache_reset(self)
-        entry = len(self._cache_keys)  # 0, unless a finalizer matched meanwhile
+    entry = self._cache_len  # 0 after a reset, unless a finalizer matched meanwhile
     if self._generation != generation or entry >= self._cache_size:
         return 0
+    # Room first (C memory only: nothing below runs Python code or the GC).
     if self._cache_table == NULL or <size_t>(entry + 1) * 2 > <size_t>self._cache_mask + 1:
-        # Grow (or start) the table, at most half full; calloc: all slots empty.
-        size = (self._cache_mask + 1) * 2 if self._cache_table != NULL else 64
-        table = <_CacheSlot *>calloc(size, sizeof(_CacheSlot))
-        if table == NULL:
-            raise MemoryError()
-        if self._cache_table != NULL:
-            for k in range(self._cache_mask + 1):  # re-place by the stored tags
-                if self._cache_table[k].entry:
-                    j = self._cache_table[k].tag & (size - 1)
-                    while table[j].entry:
-                        j = (j + 1) & (size - 1)
-                    table[j] = self._cache_table[k]
-            free(self._cache_table)
-        self._cache_table = table
-        self._cache_mask = size - 1
+        _cache_grow_table(self)
+    if entry == self._cache_capacity:
+        _cache_grow_entries(self)
+    if result_id == _MERGED:
+        self._cache_merged.append(merged)
+        result_id = _MERGED - <int32_t>(len(self._cache_merged) - 1)
     self._cache_keys.append(topic)
-    self._cache_results.append(result)
+    self._cache_entries[entry].key = <PyObject *>topic
+    self._cache_entries[entry].result = result_id
     j = tag & self._cache_mask
-    while self._cache_table[j].entry:
+    while _used(self._cache_used, j):
         j = (j + 1) & self._cache_mask
+    self._cache_used[j >> 6] |= (<uint64_t>1) << (j & 63)
     self._cache_table[j].tag = tag
-    self._cache_table[j].entry = <uint32_t>entry + 1
+    self._cache_table[j].entry = <uint32_t>entry
+    self._cache_len = entry + 1
+    return 0
+
+
+cdef int _cache_grow_table(TopicTrie self) except -1:
+    """Start the table (64 slots) or double it, re-placing the used slots by their stored tags."""
+    cdef uint32_t old_size = self._cache_mask + 1 if self._cache_table != NULL else 0
+    cdef uint32_t size = old_size * 2 if old_size else 64
+    cdef uint32_t k, j
+    cdef _CacheSlot *table = <_CacheSlot *>malloc(<size_t>size * sizeof(_CacheSlot))
+    cdef uint64_t *used = <uint64_t *>calloc(size // 64, sizeof(uint64_t))
+    if table == NULL or used == NULL:
+        free(table)
+        free(used)
+        raise MemoryError()
+    for k in range(old_size):
+        if _used(self._cache_used, k):
+            j = self._cache_table[k].tag & (size - 1)
+            while _used(used, j):
+                j = (j + 1) & (size - 1)
+            used[j >> 6] |= (<uint64_t>1) << (j & 63)
+            table[j] = self._cache_table[k]
+    free(self._cache_table)
+    free(self._cache_used)
+    self._cache_table = table
+    self._cache_used = used
+    self._cache_mask = size - 1
+    return 0
+
+
+cdef int _cache_grow_entries(TopicTrie self) except -1:
+    """Double the entry array (from 64), never past cache_size."""
+    cdef Py_ssize_t capacity = self._cache_capacity * 2 if self._cache_capacity else 64
+    cdef _CacheEntry *entries
+    if capacity > self._cache_size:
+        capacity = self._cache_size
+    entries = <_CacheEntry *>realloc(self._cache_entries, <size_t>capacity * sizeof(_CacheEntry))
+    if entries == NULL:
+        raise MemoryError()
+    self._cache_entries = entries
+    self._cache_capacity = capacity
     return 0
 
 
 cdef int _cache_reset(TopicTrie self) except -1:
-    """Empty the cache and give its table back (it regrows with use)."""
+    """Empty the cache: the bitmap is cleared, the table and entry array are kept for reuse.
+
+    The old key and merged lists are let go only once the cache is
+    consistent and empty, so a finalizer they trigger may use the trie.
+    """
     # Both lists first: allocating may run the cyclic GC, and a finalizer
-    # that matches must find keys, results and table still in step.
+    # that matches must find keys, entries and table still in step.
     keys = []
-    results = []
-    free(self._cache_table)
-    self._cache_table = NULL
-    self._cache_mask = 0
+    merged = []
+    old_keys, old_merged = self._cache_keys, self._cache_merged
+    if self._cache_used != NULL:
+        memset(self._cache_used, 0, <size_t>(self._cache_mask + 1) // 8)
+    self._cache_len = 0
     self._cache_keys = keys
-    self._cache_results = results
+    self._cache_merged = merged
+    del old_keys, old_merged
     return 0
 
 
 cdef int _invalidate(TopicTrie self) except -1:
-    """Drop every cached result (after an add/remove/clear).
-
-    The old lists are let go only once the cache is consistent and empty,
-    so a finalizer they trigger may use the trie.
-    """
-    if self._cache_keys:
-        old_keys, old_results = self._cache_keys, self._cache_results
+    """Drop every cached result (after an add/remove/clear)."""
+    if self._cache_len:
         _cache_reset(self)
-        del old_keys, old_results
     return 0
 
 
-cdef list _walk_stable(TopicTrie self, const char *data, Py_ssize_t size):
+cdef int32_t _walk_stable(TopicTrie self, const char *data, Py_ssize_t size) except _LOOKUP_ERROR:
     """`_walk`, again until no finalizer changed the trie while it collected the result."""
-    cdef list result
+    cdef int32_t result_id
     while True:
-        result = _walk(self, data, size)
-        if result is not None:
-            return result
+        result_id = _walk(self, data, size)
+        if result_id != _TRIE_CHANGED:
+            return result_id
 
 
-cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
-    """Match the topic whose UTF-8 bytes are `data`: the shared empty list, a node's own list, or a new merged one.
-
-    None when a finalizer changed the trie meanwhile (see `_collect`).
-    """
+cdef int32_t _walk(TopicTrie self, const char *data, Py_ssize_t size) except _LOOKUP_ERROR:
+    """Match the topic whose UTF-8 bytes are `data`: the result id (see `_collect`)."""
     cdef const _Node *nodes = self._nodes
     cdef const _Node *node
     cdef _Step inline_stack[INLINE_STACK]
@@ -867,8 +989,12 @@ cdef list _walk(TopicTrie self, const char *data, Py_ssize_t size):
             free(found)
 
 
-cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
-    """The values of the matched nodes, merged into add() order; None if the trie changed meanwhile."""
+cdef int32_t _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound) except _LOOKUP_ERROR:
+    """The result id of the matched nodes: _NO_MATCH, the one node, or _MERGED.
+
+    For _MERGED, their values merged into add() order are left in
+    self._merged_result; _TRIE_CHANGED if a finalizer changed the trie meanwhile.
+    """
     cdef Py_ssize_t total = 0
     cdef Py_ssize_t i, j, k
     cdef const _Node *node
@@ -877,19 +1003,19 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
     cdef _Pair pair
     cdef PyObject *values
     if nfound == 0:
-        return self._empty
+        return _NO_MATCH
     if nfound == 1:
         # One node: its list is in add() order and never changes; share it.
-        return <list>self._nodes[found[0]].values
+        return found[0]
     cdef uint64_t generation = self._generation
     for i in range(nfound):
         total += self._nodes[found[i]].nvalues
     # Allocated before any value pointer is read: PyList_New may run the
     # cyclic GC, whose finalizers may change the trie (freeing the values,
-    # moving the nodes). None tells the caller to walk again.
+    # moving the nodes). The caller walks again.
     result = PyList_New(total)
     if self._generation != generation:
-        return None
+        return _TRIE_CHANGED
     if total > INLINE_PAIRS:
         pairs = <_Pair *>malloc(<size_t>total * sizeof(_Pair))
         if pairs == NULL:
@@ -918,7 +1044,8 @@ cdef list _collect(TopicTrie self, const int32_t *found, Py_ssize_t nfound):
         for i in range(total):
             Py_INCREF(<object>pairs[i].value)
             PyList_SET_ITEM_STEAL(result, i, pairs[i].value)
-        return result
+        self._merged_result = result  # None before: dropping it runs nothing
+        return _MERGED
     finally:
         if pairs != inline_pairs:
             free(pairs)
