@@ -878,18 +878,28 @@ cdef int _cache_reset(TopicTrie self) except -1:
     The old key and merged lists are let go only once the cache is
     consistent and empty, so a finalizer they trigger may use the trie.
     """
-    # Both lists first: allocating may run the cyclic GC, and a finalizer
-    # that matches must find keys, entries and table still in step.
+    # Emptied before anything is allocated: on add/remove/clear the trie has
+    # already changed, and a cached result id may name a node just released.
+    # Allocating the new lists may run the cyclic GC, and a finalizer that
+    # matches must miss (not read a stale entry); it may cache topics in the
+    # old lists, which stay current (entries and lists in step) until the
+    # swap, and whose entries are dropped again just before it.
+    _cache_forget(self)
     keys = []
     merged = []
+    _cache_forget(self)
     old_keys, old_merged = self._cache_keys, self._cache_merged
-    if self._cache_used != NULL:
-        memset(self._cache_used, 0, <size_t>(self._cache_mask + 1) // 8)
-    self._cache_len = 0
     self._cache_keys = keys
     self._cache_merged = merged
     del old_keys, old_merged
     return 0
+
+
+cdef inline void _cache_forget(TopicTrie self) noexcept:
+    """Mark every cache entry unused (C memory only: runs no Python code)."""
+    if self._cache_used != NULL:
+        memset(self._cache_used, 0, <size_t>(self._cache_mask + 1) // 8)
+    self._cache_len = 0
 
 
 cdef int _invalidate(TopicTrie self) except -1:

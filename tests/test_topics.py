@@ -819,3 +819,103 @@ def test_finalizers_run_by_the_gc_inside_trie_operations(Trie: Any, cache: int, 
         [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr[-3000:])
+
+
+def _run_trie_script(script: str) -> None:
+    """Run `script` in a subprocess (a use after free there is a segfault, not a dead test run); it must print ok."""
+    env = dict(os.environ, PYTHONSAFEPATH="1")
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr[-3000:])
+
+
+# Fires a finalizer at the k-th allocation of a GC object inside `op`, for
+# every k: so at every point where the trie may run the cyclic GC.
+_GC_SWEEP = r"""
+import gc
+from {module} import TopicTrie
+
+class V:
+    def __init__(self, n):
+        self.n = n
+    def __repr__(self):
+        return "V(%d)" % self.n
+
+class Bomb:
+    def __init__(self, action):
+        self.me = self  # cyclic garbage: only the cyclic GC frees it
+        self.action = action
+    def __del__(self):
+        self.action()
+
+def sweep(setup, op):
+    fired = 0
+    for k in range(1, 40):
+        state = setup()
+        gc.collect()
+        gc.disable()
+        ran = []
+        Bomb(lambda: (ran.append(1), state["finalizer"]()))
+        gc.set_threshold(k)
+        gc.enable()
+        try:
+            op(state)
+        finally:
+            gc.disable()
+            gc.set_threshold(700)
+            gc.enable()
+        gc.collect()
+        fired += bool(ran)
+    assert fired, "no finalizer ran"
+"""
+
+
+_STALE_CACHE_SCRIPT = _GC_SWEEP + r"""
+seen = []
+
+def state_expected(trie, table):
+    return table[len(trie)]  # what "a" matches with this many pairs in the trie
+
+def setup_remove():
+    trie = TopicTrie()
+    v = V(1)
+    trie.add("a", v)
+    trie.match("a")  # cached
+    return dict(trie=trie, v=v, finalizer=lambda: seen.append((len(trie), trie.match("a"), state_expected(trie, {{1: [v], 0: []}}))))
+
+def setup_clear():
+    trie = TopicTrie()
+    v = V(2)
+    trie.add("x/y/z", V(1))
+    trie.add("a", v)
+    trie.match("a")
+    return dict(trie=trie, finalizer=lambda: seen.append((len(trie), trie.match("a"), state_expected(trie, {{2: [v], 0: []}}))))
+
+def setup_add():
+    trie = TopicTrie()
+    v1, v2 = V(1), V(2)
+    trie.add("a", v1)
+    trie.match("a")
+    return dict(trie=trie, v2=v2, finalizer=lambda: seen.append((len(trie), trie.match("a"), state_expected(trie, {{1: [v1], 2: [v1, v2]}}))))
+
+sweep(setup_remove, lambda s: s["trie"].remove("a", s["v"]))
+sweep(setup_clear, lambda s: s["trie"].clear())
+sweep(setup_add, lambda s: s["trie"].add("+", s["v2"]))
+for size, got, expected in seen:
+    assert got == expected, (size, got, expected)
+print("ok")
+"""
+
+
+def test_a_finalizer_run_by_the_cache_reset_sees_the_changed_trie(Trie: Any):
+    """add/remove/clear reset the cache after changing the trie, and the reset allocates (may run the GC).
+
+    A finalizer that matches a cached topic there must get the trie's
+    current result, not the stale cached one: the compiled twin caches a
+    node index, so after remove()/clear() released that node a stale hit
+    read a freed node (a crash), and after add() it missed the new value.
+    """
+    _run_trie_script(_STALE_CACHE_SCRIPT.format(module=Trie.__module__))
