@@ -763,25 +763,34 @@ cdef int32_t _lookup(TopicTrie self, str topic) except _LOOKUP_ERROR:
     if self._cache_size == 0:
         return _walk_stable(self, data, size)
     tag = <uint32_t>(cf_hash(data, <size_t>size) >> 32)
-    if self._cache_table != NULL:
-        j = tag & self._cache_mask
-        while _used(self._cache_used, j):
-            if self._cache_table[j].tag == tag:
-                entry = &self._cache_entries[self._cache_table[j].entry]
-                if entry.key == <PyObject *>topic:
-                    return _cached_result(self, entry.result)
-                # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
-                key_data = PyUnicode_AsUTF8AndSize(<object>entry.key, &key_size)
-                if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
-                    return _cached_result(self, entry.result)
-            j = (j + 1) & self._cache_mask
-    generation = self._generation
-    result_id = _walk_stable(self, data, size)
-    merged = None
-    if result_id == _MERGED:
-        merged = self._merged_result
-        self._merged_result = None
-    _cache_insert(self, topic, tag, result_id, merged, generation)
+    while True:
+        # Drop a previous round's result before anything else: it may hold
+        # the last references to values a finalizer removed, whose __del__ may
+        # use the trie -- not while a new merged result waits in _merged_result.
+        merged = None
+        if self._cache_table != NULL:
+            j = tag & self._cache_mask
+            while _used(self._cache_used, j):
+                if self._cache_table[j].tag == tag:
+                    entry = &self._cache_entries[self._cache_table[j].entry]
+                    if entry.key == <PyObject *>topic:
+                        return _cached_result(self, entry.result)
+                    # A cached key has UTF-8 already (it was asked for at insert): cannot fail.
+                    key_data = PyUnicode_AsUTF8AndSize(<object>entry.key, &key_size)
+                    if key_size == size and memcmp(key_data, data, <size_t>size) == 0:
+                        return _cached_result(self, entry.result)
+                j = (j + 1) & self._cache_mask
+        generation = self._generation
+        result_id = _walk_stable(self, data, size)
+        if result_id == _MERGED:
+            merged = self._merged_result
+            self._merged_result = None
+        _cache_insert(self, topic, tag, result_id, merged, generation)
+        if self._generation == generation:
+            break
+        # A finalizer (the GC, run by an allocation in the walk or in the reset
+        # of a full cache) changed the trie: `result_id` may name a node it
+        # released, or a merged list of values it removed. Look up again.
     if result_id == _MERGED:
         self._merged_result = merged
     return result_id
