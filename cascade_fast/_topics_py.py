@@ -368,15 +368,22 @@ class TopicTrie:
         return cached.copy()
 
     def _match_uncached(self, topic: str) -> list[Any]:
-        found = self._walk(topic)
-        if not found:
-            result = self._empty
-        elif len(found) == 1:
-            result = found[0].values  # never changed in place: safe to share
-        else:
-            pairs = [pair for node in found for pair in zip(node.seqs, node.values)]
-            pairs.sort(key=_first)
-            result = [value for _, value in pairs]
+        while True:
+            # Any allocation below may run the cyclic GC, whose finalizers may
+            # change the trie: then the result may mix old and new values (or
+            # name removed ones), and must not be returned or cached. Walk again.
+            generation = self._generation
+            found = self._walk(topic)
+            if not found:
+                result = self._empty
+            elif len(found) == 1:
+                result = found[0].values  # never changed in place: safe to share
+            else:
+                pairs = [pair for node in found for pair in zip(node.seqs, node.values)]
+                pairs.sort(key=_first)
+                result = [value for _, value in pairs]
+            if self._generation == generation:
+                break
         if self._cache_size:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
