@@ -645,6 +645,10 @@ cdef class TopicTrie:
         node.value0 = PyList_GET_ITEM(new, 0) if new is not None else NULL
         self._count -= 1
         self._generation += 1
+        # Forgotten before any node is released: pruning may raise MemoryError
+        # (re-laying a parent's table), and no cached result id may outlive
+        # the node it names. C only, so no finalizer runs in between.
+        _cache_forget(self)
         while index != 0:
             node = &self._nodes[index]
             if node.nvalues or node.kids_len or node.plus >= 0 or node.hash >= 0:
@@ -913,7 +917,7 @@ cdef inline void _cache_forget(TopicTrie self) noexcept:
 
 cdef int _invalidate(TopicTrie self) except -1:
     """Drop every cached result (after an add/remove/clear)."""
-    if self._cache_len:
+    if self._cache_len or self._cache_keys:  # entries, or only lists after a _cache_forget
         _cache_reset(self)
     return 0
 
