@@ -467,6 +467,19 @@ def test_default_cache_size_is_shared(Trie: Any):
     assert Trie().cache_size == _topics_py.DEFAULT_CACHE_SIZE
 
 
+def test_calling_init_again_starts_an_empty_trie(Trie: Any):
+    """__init__ on a used trie empties it, in both twins (as a fresh object would be)."""
+    trie = Trie(cache_size=8)
+    trie.add("a/+", 1)
+    assert trie.match("a/b") == [1]
+    trie.__init__(cache_size=2)
+    assert len(trie) == 0
+    assert trie.cache_size == 2
+    assert trie.match("a/b") == []
+    trie.add("a/b", 2)
+    assert trie.match("a/b") == [2]
+
+
 # -- validation ---------------------------------------------------------------
 
 BAD_FILTERS = [
