@@ -107,6 +107,7 @@ cdef class MqttProtocol(PacketSink):
         dict acks                    # SUBSCRIBE/UNSUBSCRIBE packet id -> (future of SUBACK codes / None, filters in a SUBSCRIBE or 0)
         int state                    # ST_* enum in _protocol.pyx
         bytearray wbuf               # writes made in this loop iteration, flushed once
+        object rview                 # memoryview of the read buffer the transport reads into (BufferedProtocol)
         bint flush_scheduled         # a call_soon(_flush) is pending
         Py_ssize_t write_batch       # flush at once when wbuf grows past this many bytes
         readonly bint writing_paused # the transport called pause_writing()

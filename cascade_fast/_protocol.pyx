@@ -12,7 +12,7 @@ Layering (asyncpg's coreproto/protocol split):
   connections so unacknowledged messages can be re-sent after a reconnect.
 - `Dispatcher`: calls callbacks; also outlives connections, so deliveries
   queued behind a suspended coroutine callback are not lost by a reconnect.
-- `AsyncioMqttProtocol` mixes in `asyncio.Protocol` (the class the
+- `AsyncioMqttProtocol` mixes in `asyncio.BufferedProtocol` (the class the
   connector gives to `loop.create_connection`).
 
 This module must not import `cascade.connectors` at import time:
@@ -86,6 +86,9 @@ cdef enum:
 cdef int _MAX_PACKET_ID = 65535
 #: Validated topic names remembered per session (cleared when full).
 cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
+#: Bytes the transport may read at once into a connection's buffer (what
+#: uvloop reads at once into its own buffer for a plain Protocol).
+cdef Py_ssize_t READ_BUFFER_SIZE = 256 * 1024
 
 
 cdef inline _fail(fut, exc):
@@ -793,6 +796,7 @@ cdef class MqttProtocol(PacketSink):
         self.closed = loop.create_future()
         self.acks = {}
         self.wbuf = bytearray()
+        self.rview = memoryview(bytearray(READ_BUFFER_SIZE))
         self.drain_waiters = []
         self.state = ST_CONNECTING
 
@@ -820,6 +824,17 @@ cdef class MqttProtocol(PacketSink):
         self._write(self.connect_packet)
         self._flush()
         self._schedule_keepalive()
+
+    def get_buffer(self, sizehint):
+        # asyncio.BufferedProtocol: the transport reads straight into one
+        # buffer kept for the connection's life, instead of handing over a
+        # new bytes object per read (a malloc, a copy and, at ~256 KiB, page
+        # faults). Safe to reuse: the decoder copies out everything it keeps
+        # (payloads, an incomplete packet's bytes) before data_received returns.
+        return self.rview
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        self.data_received(self.rview[:nbytes])
 
     def data_received(self, data):
         # Nothing may escape from here: uvloop would treat it as a fatal
@@ -1113,7 +1128,11 @@ cdef class MqttProtocol(PacketSink):
         self._schedule_keepalive()
 
 
-class AsyncioMqttProtocol(MqttProtocol, asyncio.Protocol):
-    """`MqttProtocol` as an `asyncio.Protocol` (what create_connection gets)."""
+class AsyncioMqttProtocol(MqttProtocol, asyncio.BufferedProtocol):
+    """`MqttProtocol` as an `asyncio.BufferedProtocol` (what create_connection gets).
+
+    Buffered, so the transport reads into `MqttProtocol`'s own buffer (see
+    get_buffer); `data_received` stays for callers that hand bytes in.
+    """
 
     __slots__ = ()
