@@ -514,8 +514,10 @@ cdef class TopicTrie:
         if not isinstance(cache_size, int) or not 0 <= cache_size <= _MAX_CACHE_SIZE:
             raise ValueError(f"cache_size must be an int from 0 to 2**30, not {cache_size!r}")
         self._cache_size = cache_size
-        if self._count or self._nnodes > 1:
-            self.clear()  # called again on a used trie: start empty, as the pure twin does
+        if self._count or self._nnodes > 1 or self._cache_len or self._cache_keys:
+            # Called again on a used trie (pairs, nodes, or only cached
+            # lookups): start empty, cache included, as the pure twin does.
+            self.clear()
 
     def __dealloc__(self):
         cdef int32_t i

@@ -480,6 +480,28 @@ def test_calling_init_again_starts_an_empty_trie(Trie: Any):
     assert trie.match("a/b") == [2]
 
 
+def test_calling_init_again_forgets_cached_topics_of_a_trie_without_pairs(Trie: Any):
+    """__init__ on a trie that never held a pair but has cached lookups forgets them too, as the pure twin does.
+
+    The compiled twin only checked for pairs and nodes, so the cached topics
+    outlived __init__: `cached_topics` (and repr) differed between the twins,
+    and exceeded the new cache_size (here 0, where nothing may be cached).
+    """
+    trie = Trie(cache_size=8)
+    assert trie.match("a/b") == []
+    assert trie.match("a/c") == []
+    assert trie.cached_topics == 2
+    trie.__init__(cache_size=0)
+    assert trie.cached_topics == 0
+    assert "cached=0" in repr(trie)
+    assert trie.match("a/b") == []
+    assert trie.cached_topics == 0
+    trie.__init__(cache_size=1)
+    trie.add("a/+", 1)
+    assert trie.match("a/b") == [1]
+    assert trie.cached_topics == 1
+
+
 # -- validation ---------------------------------------------------------------
 
 BAD_FILTERS = [
