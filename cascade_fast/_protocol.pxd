@@ -108,6 +108,9 @@ cdef class MqttProtocol(PacketSink):
         int state                    # ST_* enum in _protocol.pyx
         bytearray wbuf               # writes made in this loop iteration, flushed once
         object rview                 # memoryview of the read buffer the transport reads into (BufferedProtocol)
+        bint in_read                 # inside buffer_updated: a nested read gets a buffer of its own
+        object nested_view           # that buffer, between get_buffer and buffer_updated
+        list nested_reads            # bytes of nested reads, decoded after the read in progress
         bint flush_scheduled         # a call_soon(_flush) is pending
         Py_ssize_t write_batch       # flush at once when wbuf grows past this many bytes
         readonly bint writing_paused # the transport called pause_writing()

@@ -89,6 +89,8 @@ cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
 #: Bytes the transport may read at once into a connection's buffer (what
 #: uvloop reads at once into its own buffer for a plain Protocol).
 cdef Py_ssize_t READ_BUFFER_SIZE = 256 * 1024
+#: The buffer of a read nested in a read (see MqttProtocol.get_buffer).
+cdef Py_ssize_t NESTED_READ_SIZE = 64 * 1024
 
 
 cdef inline _fail(fut, exc):
@@ -797,6 +799,7 @@ cdef class MqttProtocol(PacketSink):
         self.acks = {}
         self.wbuf = bytearray()
         self.rview = memoryview(bytearray(READ_BUFFER_SIZE))
+        self.nested_reads = []
         self.drain_waiters = []
         self.state = ST_CONNECTING
 
@@ -831,10 +834,27 @@ cdef class MqttProtocol(PacketSink):
         # new bytes object per read (a malloc, a copy and, at ~256 KiB, page
         # faults). Safe to reuse: the decoder copies out everything it keeps
         # (payloads, an incomplete packet's bytes) before data_received returns.
+        if self.in_read:
+            # A read nested in a read: asyncio's SSL transport reads again from
+            # inside close() when a callback closes the connection. It must not
+            # land in the buffer still being decoded, so it gets its own.
+            self.nested_view = memoryview(bytearray(NESTED_READ_SIZE))
+            return self.nested_view
         return self.rview
 
     def buffer_updated(self, Py_ssize_t nbytes):
-        self.data_received(self.rview[:nbytes])
+        if self.in_read:
+            # Those bytes arrived after the ones being decoded: they wait.
+            self.nested_reads.append(bytes(self.nested_view[:nbytes]))
+            self.nested_view = None
+            return
+        self.in_read = True
+        try:
+            self.data_received(self.rview[:nbytes])
+            while self.nested_reads:
+                self.data_received(self.nested_reads.pop(0))
+        finally:
+            self.in_read = False
 
     def data_received(self, data):
         # Nothing may escape from here: uvloop would treat it as a fatal

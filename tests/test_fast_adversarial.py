@@ -279,7 +279,7 @@ class _Transport:
         pass
 
 
-def _protocol(loop: asyncio.AbstractEventLoop, **session: Any) -> tuple[Any, Any, _Transport]:
+def _protocol(loop: asyncio.AbstractEventLoop, trie: Any = None, **session: Any) -> tuple[Any, Any, _Transport]:
     """A connected `AsyncioMqttProtocol` over `_Transport` (CONNACK already fed), and its session."""
     import logging
 
@@ -296,7 +296,8 @@ def _protocol(loop: asyncio.AbstractEventLoop, **session: Any) -> tuple[Any, Any
     disp = Dispatcher(errlog, log)
     disp.set_loop(loop)
     proto = AsyncioMqttProtocol(
-        loop, sess, disp, TopicTrie(), wire.encode_connect("c"), keepalive=0.0, write_batch=1, errlog=errlog, logger=log
+        loop, sess, disp, TopicTrie() if trie is None else trie, wire.encode_connect("c"),
+        keepalive=0.0, write_batch=1, errlog=errlog, logger=log
     )
     transport = _Transport()
     proto.connection_made(transport)
@@ -329,6 +330,39 @@ async def test_packet_ids_wrap_at_65535_and_skip_ids_still_awaiting_an_acknowled
     assert 0 not in ids and {1, 2, 3}.isdisjoint(ids)
     assert ids[:2] == [4, 5] and ids[65531] == 65535 and ids[65532] == 4
     assert sess.inflight_count == 2 and not held_sub.done()
+
+
+def _read(proto: Any, data: bytes) -> None:
+    """Deliver `data` as a buffered transport does: into get_buffer(), then buffer_updated()."""
+    view = proto.get_buffer(-1)
+    view[: len(data)] = data
+    proto.buffer_updated(len(data))
+
+
+async def test_a_read_nested_in_a_read_never_overwrites_the_bytes_being_decoded():
+    """asyncio's SSL transport may read again from inside a read (close() called by a callback).
+
+    That read must not land in the buffer still being decoded, and its
+    messages come after the ones already read, in arrival order.
+    """
+    from cascade_fast._protocol import Subscription
+    from cascade_fast._topics import TopicTrie
+
+    trie = TopicTrie()
+    proto, sess, transport = _protocol(asyncio.get_running_loop(), trie=trie)
+    got: list[tuple[str, object]] = []
+    nested = [wire.encode_publish("n/2", b"second")]
+
+    def callback(topic: str, data: object) -> None:
+        got.append((topic, data))
+        if nested:
+            _read(proto, nested.pop())
+
+    trie.add("n/#", Subscription(callback, None, True))
+    _read(proto, wire.encode_publish("n/1", b"first") + wire.encode_publish("n/3", b"third"))
+
+    assert got == [("n/1", b"first"), ("n/3", b"third"), ("n/2", b"second")]
+    assert not transport.aborted and sess.protocol_errors == 0
 
 
 # -- malformed or unexpected input from the broker -------------------------------------
