@@ -524,9 +524,9 @@ cdef class TopicTrie:
         if not isinstance(cache_size, int) or not 0 <= cache_size <= _MAX_CACHE_SIZE:
             raise ValueError(f"cache_size must be an int from 0 to 2**30, not {cache_size!r}")
         self._cache_size = cache_size
-        if self._count or self._nnodes > 1 or self._cache_len or self._cache_keys:
-            # Called again on a used trie (pairs, nodes, or only cached
-            # lookups): start empty, cache included, as the pure twin does.
+        if self._nnodes > 1 or self._cache_keys:
+            # Called again on a used trie (nodes, or only cached lookups):
+            # start empty, cache included, as the pure twin does.
             self.clear()
 
     def __dealloc__(self):
@@ -714,9 +714,7 @@ cdef class TopicTrie:
         while True:
             result_id = _lookup(self, topic)
             if result_id == _MERGED:
-                merged = self._merged_result
-                self._merged_result = None
-                return PyList_GetSlice(merged, 0, PY_SSIZE_T_MAX)
+                return PyList_GetSlice(_take_merged(self), 0, PY_SSIZE_T_MAX)
             if result_id == _NO_MATCH:
                 return []
             if self._nodes[result_id].nvalues != 1:
@@ -744,9 +742,14 @@ cdef class TopicTrie:
             return <list>self._nodes[result_id].values
         if result_id == _NO_MATCH:
             return self._empty
-        merged = self._merged_result
-        self._merged_result = None
-        return <list>merged
+        return _take_merged(self)
+
+
+cdef inline list _take_merged(TopicTrie self):
+    """The merged result _lookup left in self._merged_result, which goes back to None."""
+    merged = <list>self._merged_result
+    self._merged_result = None
+    return merged
 
 
 cdef inline bint _used(const uint64_t *bitmap, uint32_t j) noexcept nogil:
@@ -931,7 +934,7 @@ cdef inline void _cache_forget(TopicTrie self) noexcept:
 
 cdef int _invalidate(TopicTrie self) except -1:
     """Drop every cached result (after an add/remove/clear)."""
-    if self._cache_len or self._cache_keys:  # entries, or only lists after a _cache_forget
+    if self._cache_keys:  # every entry has its key there, even after a _cache_forget
         _cache_reset(self)
     return 0
 
