@@ -846,14 +846,7 @@ def test_finalizers_run_by_the_gc_inside_trie_operations(Trie: Any, cache: int, 
     In a subprocess: a failure here used to be a segfault (use after free of
     values and node storage in the compiled twin).
     """
-    script = _GC_FINALIZER_SCRIPT.format(module=Trie.__module__, cache=cache, seed=seed)
-    env = dict(os.environ, PYTHONSAFEPATH="1")
-    if env.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env["PYTHONPATH"].split(os.pathsep) if p)
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, timeout=60, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stdout, proc.stderr[-3000:])
+    _run_trie_script(_GC_FINALIZER_SCRIPT.format(module=Trie.__module__, cache=cache, seed=seed))
 
 
 def _run_trie_script(script: str) -> None:
