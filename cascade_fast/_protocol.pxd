@@ -53,6 +53,7 @@ cdef class Outgoing:
         bint retain
         int packet_id                # 0 until it enters the in-flight window
         int state                    # OUT_* enum in _protocol.pyx
+        bint counted                 # counts in Session.published (not presence)
         object waiter                # future of a publish() waiting for a window slot, or None
 
 
@@ -67,22 +68,24 @@ cdef class Session:
         set inbound_qos2             # QoS 2 packet ids between PUBLISH and PUBREL (§4.3.3)
         int next_packet_id           # next candidate packet id, 1..65535 (§2.3.1)
         readonly int max_inflight    # in-flight window size
+        readonly Py_ssize_t max_queued   # unacknowledged QoS 1/2 messages kept (in flight + backlog)
         readonly bint clean_session  # CleanSession flag sent in CONNECT
+        public bint accepting        # the connector is running: QoS 1/2 publishes are queued while disconnected
         dict topics_ok               # topic names already validated (bounded)
-        object validate_topic        # _topics_py.validate_topic
         object encode_payload        # _common.encode_payload
         object errlog                # _common.RateLimitedLog
         object logger
         list idle_waiters            # futures resolved when nothing is left to write or acknowledge
         public long long published       # publishes handed to the transport (first send)
-        public long long publish_errors  # publishes whose send failed or were lost unacknowledged
-        public long long dropped         # publishes made while not connected
+        public long long publish_errors  # publishes whose send failed
+        public long long dropped         # publishes not sent: QoS 0 while disconnected, queue full, left at disconnect()
         public long long protocol_errors # connections closed for a protocol violation
         public long long resent          # PUBLISH/PUBREL re-sent after a reconnect (§4.4)
         public long long reads           # data_received calls (reads vs received shows read batching)
 
-    cpdef object publish(self, object topic, object payload, object qos=*, bint retain=*)
+    cpdef object publish(self, object topic, object payload, object qos=*, bint retain=*, bint counted=*)
     cdef int _check_topic(self, object topic) except -1
+    cdef int _queue(self, Outgoing msg) except -1
     cdef int _send(self, Outgoing msg) except -1
     cdef int _alloc_packet_id(self) except -1
     cdef int _acked(self, int packet_id, int kind) except -1
@@ -133,5 +136,6 @@ cdef class MqttProtocol(PacketSink):
     cdef int _wake_drain(self) except -1
     cdef int _on_connack(self, object packet) except -1
     cdef int _schedule_keepalive(self) except -1
+    cdef bint _ping(self, double now) except -1
     cpdef object subscribe(self, list filters)
     cpdef object unsubscribe(self, list filters)

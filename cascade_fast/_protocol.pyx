@@ -35,6 +35,9 @@ from orjson import dumps as _json_dumps, loads as _json_loads
 
 from cascade_fast import codec as _codec
 from cascade_fast._errors import ProtocolError
+from cascade_fast._topics_py import validate_payload_size as _validate_payload_size
+from cascade_fast._topics_py import validate_qos as _validate_qos
+from cascade_fast._topics_py import validate_topic as _validate_topic
 
 cdef object _encode_publish = _codec.encode_publish
 cdef object _encode_puback = _codec.encode_puback
@@ -82,6 +85,10 @@ cdef enum:
     ST_CLOSING = 2      # refused, aborted or disconnecting; nothing more is delivered
     ST_CLOSED = 3       # connection_lost was called
 
+#: A payload at least this long may not fit one packet: check it exactly
+#: (MQTT 3.1.1 §2.2.3: 268,435,455 bytes of remaining length, less the
+#: largest topic and the packet id).
+cdef Py_ssize_t _PAYLOAD_CHECK_FROM = 268_435_455 - 65_539
 #: Packet ids are 16-bit and never 0 (MQTT 3.1.1 §2.3.1).
 cdef int _MAX_PACKET_ID = 65535
 #: Validated topic names remembered per session (cleared when full).
@@ -91,6 +98,10 @@ cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
 cdef Py_ssize_t READ_BUFFER_SIZE = 256 * 1024
 #: The buffer of a read nested in a read (see MqttProtocol.get_buffer).
 cdef Py_ssize_t NESTED_READ_SIZE = 64 * 1024
+
+
+def _reraise(exc):
+    raise exc
 
 
 cdef inline _fail(fut, exc):
@@ -437,26 +448,42 @@ cdef class Outgoing:
         self.qos = qos
         self.retain = retain
         self.state = OUT_QUEUED
+        self.counted = True
 
 
 cdef class Session:
     """Client session state (MQTT 3.1.1 §4.1) and the publish path.
 
-    Outbound QoS 1/2 messages get a packet id and enter an in-flight window
-    of `max_inflight`; more wait in a backlog (their publish() call waits).
-    With ``clean_session=False`` unacknowledged messages survive a lost
-    connection and are re-sent with DUP=1 after the next CONNACK (§4.4),
-    and queued ones are sent then (their publish() calls return at the loss);
-    with a clean session the broker forgets them too, so they are counted
-    in ``publish_errors`` (in flight) or ``dropped`` (backlog).
+    QoS 1/2 is at least once across reconnects, as in paho. Outbound QoS
+    1/2 messages get a packet id and enter an in-flight window of
+    `max_inflight`; more wait in a backlog (their publish() call waits for
+    a slot while connected). A message leaves the session only when the
+    broker acknowledged it (PUBACK, or PUBCOMP for QoS 2). When the
+    connection is lost the messages in flight stay, and after the next
+    CONNACK they are sent again in their original order, DUP=1 (PUBREL for
+    a QoS 2 message already PUBREC'd) — with a persistent session that is
+    MQTT 3.1.1 §4.4; with a clean session the broker forgot them, so it is
+    what keeps them from being lost. While the connector runs but is
+    disconnected (`accepting` and no connection), QoS 1/2 publishes are
+    queued and sent after the reconnect.
+
+    The bound: at most `max_queued` unacknowledged messages (in flight plus
+    backlog). A QoS 1/2 publish while disconnected with the queue full is
+    dropped and counted in ``dropped``; while connected publish() waits
+    for the window instead. QoS 0 while disconnected is dropped and counted
+    (it has no delivery promise to keep). `abandon()` (disconnect()) counts
+    whatever is left unacknowledged in ``dropped``.
     """
 
-    def __init__(self, *, int max_inflight, bint clean_session, validate_topic, encode_payload, errlog, logger):
+    def __init__(self, *, int max_inflight, bint clean_session, encode_payload, errlog, logger,
+                 Py_ssize_t max_queued=10000):
         if not 1 <= max_inflight <= 65000:
             raise ValueError(f"max_inflight must be in 1..65000, got {max_inflight}")
+        if max_queued < max_inflight:
+            raise ValueError(f"max_queued ({max_queued}) must be at least max_inflight ({max_inflight})")
         self.max_inflight = max_inflight
+        self.max_queued = max_queued
         self.clean_session = clean_session
-        self.validate_topic = validate_topic
         self.encode_payload = encode_payload
         self.errlog = errlog
         self.logger = logger
@@ -483,14 +510,20 @@ cdef class Session:
     def backlog_count(self):
         return len(self.backlog)
 
-    cpdef object publish(self, object topic, object payload, object qos=0, bint retain=False):
+    @property
+    def queued_count(self):
+        """QoS 1/2 messages not yet acknowledged by the broker (in flight plus backlog)."""
+        return len(self.inflight) + len(self.backlog)
+
+    cpdef object publish(self, object topic, object payload, object qos=0, bint retain=False, bint counted=True):
         """Publish; returns None when done, else an awaitable to wait on.
 
         The awaitable is a future resolved when the message entered the
         in-flight window (window full) or when the transport's write buffer
         drained below its low-water mark (`pause_writing` was called).
-        Raises ValueError/TypeError for a bad topic, QoS or payload type;
-        never for the connection's state.
+        Raises ValueError/TypeError for a bad topic, QoS, payload type or
+        size; never for the connection's state. `counted` False keeps the
+        connector's own presence messages out of ``published``.
         """
         cdef bytes data
         cdef MqttProtocol proto
@@ -499,6 +532,8 @@ cdef class Session:
         cdef int q
         if topic not in self.topics_ok:
             self._check_topic(topic)
+        if type(qos) is not int:
+            qos = _validate_qos(qos)  # TypeError for 1.0, Fraction(1), True
         if qos == 0:
             q = 0
         elif qos == 1:
@@ -514,10 +549,16 @@ cdef class Session:
             data = _json_dumps(payload)
         else:
             data = self.encode_payload(payload)
+        if len(data) >= _PAYLOAD_CHECK_FROM:
+            _validate_payload_size(topic, len(data), q)
         proto = self.proto
         if proto is None or proto.state != ST_CONNECTED:
-            self.dropped += 1
-            self.errlog.log("publish_dropped", _WARNING, "not connected: publish to %r dropped", topic)
+            if q and self.accepting:
+                # Running but reconnecting: kept for the next connection.
+                self._queue(Outgoing(topic, data, q, retain))
+            else:
+                self.dropped += 1
+                self.errlog.log("publish_dropped", _WARNING, "not connected: publish to %r dropped", topic)
             return None
         if q == 0:
             try:
@@ -526,11 +567,13 @@ cdef class Session:
                 self.publish_errors += 1
                 self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", topic, exc)
                 return None
-            self.published += 1
+            if counted:
+                self.published += 1
             if proto.writing_paused:
                 return proto.drain_waiter_future()
             return None
         msg = Outgoing(topic, data, q, retain)
+        msg.counted = counted
         if len(self.inflight) < self.max_inflight and not self.backlog:
             try:
                 self._send(msg)
@@ -538,7 +581,8 @@ cdef class Session:
                 self.publish_errors += 1
                 self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", topic, exc)
                 return None
-            self.published += 1
+            if counted:
+                self.published += 1
             if proto.writing_paused:
                 return proto.drain_waiter_future()
             return None
@@ -546,6 +590,19 @@ cdef class Session:
         msg.waiter = self.loop.create_future()
         self.backlog.append(msg)
         return msg.waiter
+
+    cdef int _queue(self, Outgoing msg) except -1:
+        """Keep a QoS 1/2 message made while disconnected, within `max_queued`."""
+        if len(self.inflight) + len(self.backlog) >= self.max_queued:
+            self.dropped += 1
+            self.errlog.log(
+                "publish_dropped", _WARNING,
+                "not connected and %d QoS 1/2 publishes already queued (max_queued): publish to %r dropped",
+                self.max_queued, msg.topic,
+            )
+            return 0
+        self.backlog.append(msg)
+        return 0
 
     def publish_batch(self, list items, bint retain=False):
         """QoS 0 publish of many (topic, payload) pairs, encoded in one call.
@@ -566,6 +623,8 @@ cdef class Session:
                 data = _json_dumps(payload)
             else:
                 data = self.encode_payload(payload)
+            if len(data) >= _PAYLOAD_CHECK_FROM:
+                _validate_payload_size(topic, len(data), 0)
             encoded.append((topic, data, 0, retain, None))
         proto = self.proto
         if proto is None or proto.state != ST_CONNECTED:
@@ -587,7 +646,7 @@ cdef class Session:
         return None
 
     cdef int _check_topic(self, object topic) except -1:
-        self.validate_topic(topic)  # ValueError naming the topic; TypeError for a non-str
+        _validate_topic(topic)  # ValueError naming the topic; TypeError for a non-str
         if len(self.topics_ok) >= _TOPIC_CACHE_SIZE:
             self.topics_ok.clear()
         self.topics_ok[topic] = True
@@ -677,7 +736,8 @@ cdef class Session:
                 self.publish_errors += 1
                 self.errlog.log("publish_error", _WARNING, "publish to %r failed: %r", msg.topic, exc)
             else:
-                self.published += 1
+                if msg.counted:
+                    self.published += 1
             if msg.waiter is not None and not msg.waiter.done():
                 msg.waiter.set_result(None)
             msg.waiter = None
@@ -719,50 +779,46 @@ cdef class Session:
             # restarted without persistence) the broker reuses them for new
             # messages, which a kept id would swallow as duplicates (§4.3.3).
             self.inbound_qos2.clear()
-        if not self.clean_session and self.inflight:
-            # MQTT 3.1.1 §4.4: re-send unacknowledged PUBLISH packets (DUP=1)
-            # and PUBREL packets, in their original order.
-            for msg in list(self.inflight.values()):
-                if msg.state == OUT_SENT:
-                    proto._write(_encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, True, msg.packet_id))
-                else:
-                    proto._write(_encode_pubrel(msg.packet_id))
-                self.resent += 1
+        # Unacknowledged messages, in their original order: PUBLISH again
+        # (DUP=1) or, past PUBREC, PUBREL again (§4.4). With a clean session
+        # the broker has no state for them; sending them is what makes QoS
+        # 1/2 at least once across the reconnect (paho does the same). An
+        # unknown PUBREL is answered with PUBCOMP by the broker (§4.3.3).
+        for msg in list(self.inflight.values()):
+            if msg.state == OUT_SENT:
+                proto._write(_encode_publish(msg.topic, msg.payload, msg.qos, msg.retain, True, msg.packet_id))
+            else:
+                proto._write(_encode_pubrel(msg.packet_id))
+            self.resent += 1
         if self.backlog:
             self._fill_window()
         return 0
 
     cdef int detach(self, MqttProtocol proto) except -1:
-        """The connection is gone. With a clean session its state is gone too."""
-        cdef Py_ssize_t n
+        """The connection is gone; unacknowledged messages stay for the next one.
+
+        Their publish() calls return now: a caller must not hang through an
+        outage. Publishes made meanwhile are queued up to `max_queued`.
+        """
         cdef Outgoing msg
         if self.proto is not proto:
             return 0
         self.proto = None
-        if not self.clean_session:
-            # The messages stay queued for the next connection, but their
-            # publish() calls return now: a caller must not hang through an
-            # outage (publishes made meanwhile are dropped and counted, so the
-            # backlog cannot grow until the reconnect).
-            for msg in self.backlog:
-                if msg.waiter is not None and not msg.waiter.done():
-                    msg.waiter.set_result(None)
-            return 0
-        n = len(self.inflight)
-        if n:
-            self.publish_errors += n
-            self.inflight.clear()
-            self.errlog.log("publish_lost", _WARNING, "connection lost: %d unacknowledged QoS 1/2 publishes lost (clean session)", n)
-        n = len(self.backlog)
-        if n:
-            self.dropped += n
-            for msg in self.backlog:
-                if msg.waiter is not None and not msg.waiter.done():
-                    msg.waiter.set_result(None)
-            self.backlog.clear()
-            self.errlog.log("publish_dropped", _WARNING, "connection lost: %d queued QoS 1/2 publishes dropped", n)
-        self._check_idle()
+        for msg in self.backlog:
+            if msg.waiter is not None and not msg.waiter.done():
+                msg.waiter.set_result(None)
+            msg.waiter = None
         return 0
+
+    def abandon(self):
+        """disconnect(): forget every unacknowledged message; returns how many (counted in ``dropped``)."""
+        cdef Py_ssize_t n = len(self.inflight) + len(self.backlog)
+        self.accepting = False
+        self.release_waiters()
+        self.inflight.clear()
+        self.backlog.clear()
+        self.dropped += n
+        return n
 
     def release_waiters(self):
         """disconnect(): nobody waits on a window slot or acknowledgements any more."""
@@ -866,6 +922,14 @@ cdef class MqttProtocol(PacketSink):
         self.session.reads += 1
         try:
             self.decoder.feed_to(data, self)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # Raised by a callback: it is meant for whoever runs the loop, as
+            # asyncio lets it out of a task. uvloop would take it for a
+            # transport error (close the connection, log, go on), so it is
+            # raised again from a callback of the loop's own, which both loops
+            # let propagate out of run_forever().
+            self.loop.call_soon(_reraise, exc)
+            return
         except ProtocolError as exc:
             self.session.protocol_errors += 1
             self.errlog.log("protocol_error", _ERROR, "MQTT protocol error from the broker, reconnecting: %s", exc)
@@ -1127,25 +1191,42 @@ cdef class MqttProtocol(PacketSink):
         if self.transport is None or self.state >= ST_CLOSING:
             return
         now = self.loop.time()
-        if self.ping_sent:
-            if self.dispatcher.reading_paused and self.dispatcher.reader is self:
-                # We are not reading, so the PINGRESP cannot arrive: not a dead peer.
+        if not self.transport.is_reading():
+            # Reading is paused (a slow consumer's backpressure, a write side
+            # the broker does not drain): the PINGRESP cannot arrive, so a
+            # missing one says nothing about the peer. The broker must still
+            # hear from us every keepalive (§3.1.2.10), or it declares us dead,
+            # publishes our Will and drops our queued messages: keep pinging.
+            if self.ping_sent:
                 self.ping_sent = now
-            elif now - max(self.ping_sent, self.last_in) >= self.keepalive:
+            if now - self.last_out >= self.keepalive * 0.5:
+                if not self._ping(now):
+                    return
+        elif self.ping_sent:
+            if now - max(self.ping_sent, self.last_in) >= self.keepalive:
                 # Nothing at all from the broker for a keepalive period after PINGREQ.
                 self.errlog.log("keepalive", _WARNING, "no PINGRESP from the broker within %.1f s: connection is dead, reconnecting", self.keepalive)
                 self._abort(TimeoutError(f"no PINGRESP within {self.keepalive} s"))
                 return
+            if now - self.last_out >= self.keepalive * 0.75 and not self._ping(now):
+                return
         elif now - self.last_out >= self.keepalive * 0.75 or now - self.last_in >= self.keepalive:
             # §3.1.2.10: a packet at least every keepalive seconds; PINGREQ when idle.
-            try:
-                self._write(_PINGREQ)
-                self._flush()
-            except Exception as exc:
-                self.logger.debug("PINGREQ failed: %r", exc)
+            if not self._ping(now):
                 return
-            self.ping_sent = now
         self._schedule_keepalive()
+
+    cdef bint _ping(self, double now) except -1:
+        """Send PINGREQ; False when the transport is closing under us."""
+        try:
+            self._write(_PINGREQ)
+            self._flush()
+        except Exception as exc:
+            self.logger.debug("PINGREQ failed: %r", exc)
+            return False
+        if not self.ping_sent:
+            self.ping_sent = now
+        return True
 
 
 class AsyncioMqttProtocol(MqttProtocol, asyncio.BufferedProtocol):

@@ -29,10 +29,21 @@ rather than raising. The compiled twin behaves identically.
 
 from __future__ import annotations
 
+import operator
+
 import functools
 from typing import Any
 
-__all__ = ["DEFAULT_CACHE_SIZE", "TopicTrie", "filter_matches", "validate_filter", "validate_topic"]
+__all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "MAX_REMAINING_LENGTH",
+    "TopicTrie",
+    "filter_matches",
+    "validate_filter",
+    "validate_payload_size",
+    "validate_qos",
+    "validate_topic",
+]
 
 #: Topics whose results `TopicTrie` remembers before it starts over. Each
 #: entry holds the topic string and its result list (roughly 200 bytes for a
@@ -87,6 +98,45 @@ def validate_topic(topic: str) -> None:
         raise ValueError(
             f"topic name {_shown(topic)} contains a wildcard ('+' or '#'); wildcards are only valid in topic filters "
             "(MQTT 3.1.1 §4.7.1)"
+        )
+
+
+def validate_qos(qos: object) -> int:
+    """Return `qos` as an int, or raise at the call: only 0, 1 and 2 are QoS levels (MQTT 3.1.1 §4.3).
+
+    An integer type (``int``, ``numpy.int64``: anything with ``__index__``)
+    is accepted; ``bool``, ``float``, ``Fraction`` and ``Decimal`` are a
+    `TypeError` even when they equal 1, so ``qos=1.0`` can never be sent as
+    QoS 1 by one connector and refused by the other.
+    """
+    if isinstance(qos, bool):
+        raise TypeError("qos must be an int (0, 1 or 2), not bool")
+    try:
+        level = operator.index(qos)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"qos must be an int (0, 1 or 2), not {type(qos).__name__} {qos!r}") from None
+    if level not in (0, 1, 2):
+        raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+    return level
+
+
+#: The largest remaining length of an MQTT packet (MQTT 3.1.1 §2.2.3).
+MAX_REMAINING_LENGTH = 268_435_455
+
+
+def validate_payload_size(topic: str, size: int, qos: int) -> None:
+    """Raise `ValueError` at the call when a PUBLISH of `size` payload bytes cannot be one MQTT packet.
+
+    The remaining length (topic length prefix, topic, packet id at QoS > 0,
+    payload) is at most 268,435,455 bytes (MQTT 3.1.1 §2.2.3); past it no
+    broker can receive the message, so it is refused before anything is
+    queued or written.
+    """
+    header = 2 + len(topic.encode("utf-8")) + (2 if qos else 0)
+    if header + size > MAX_REMAINING_LENGTH:
+        raise ValueError(
+            f"payload of {size} bytes for topic {_shown(topic)} is too large for one MQTT packet "
+            f"(at most {MAX_REMAINING_LENGTH - header} bytes with this topic and QoS; MQTT 3.1.1 §2.2.3)"
         )
 
 

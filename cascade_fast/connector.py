@@ -91,7 +91,7 @@ from cascade.connectors.mqtt._common import (
 from . import codec
 from ._errors import ConnectRefusedError, SubscribeRefusedError
 from ._protocol import AsyncioMqttProtocol, Dispatcher, Session, Subscription
-from ._topics_py import validate_filter, validate_topic
+from ._topics_py import validate_filter, validate_qos
 from .topics import TopicTrie
 
 __all__ = ["FastMqttConnector"]
@@ -101,6 +101,7 @@ SUBACK_FAILURE = 0x80
 
 _DEFAULTS: dict[str, Any] = {
     "max_inflight": 20,
+    "max_queued": 10_000,
     "high_water": 10_000,
     "low_water": None,
     "write_buffer_limit": 1 << 20,
@@ -156,6 +157,7 @@ class FastMqttConnector:
         "_connect_lock",
         "_loop",
         "_reconnects",
+        "_closed_early",
         "_proxy",
         "__weakref__",
     )
@@ -199,8 +201,8 @@ class FastMqttConnector:
         self._trie = TopicTrie()
         self._session = Session(
             max_inflight=options["max_inflight"],
+            max_queued=options["max_queued"],
             clean_session=self._clean_session,
-            validate_topic=validate_topic,
             encode_payload=encode_payload,
             errlog=self._errlog,
             logger=logger,
@@ -215,6 +217,7 @@ class FastMqttConnector:
         self._connect_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reconnects = 0
+        self._closed_early = 0
         # Handles reach the connector through a weak proxy: the trie (held by
         # the protocol, held by the loop) must not keep the connector alive,
         # or it could never be collected (and warned about) while connected.
@@ -271,7 +274,9 @@ class FastMqttConnector:
             self._dispatcher.reset()
             self._backoff.reset()
             proto = await self._open()
+            self._backoff.succeeded()
             self._running = True
+            self._session.accepting = True
             self._supervisor = loop.create_task(
                 _supervise(weakref.ref(self), proto), name=f"cascade-fast supervisor {self._client_id}"
             )
@@ -293,11 +298,15 @@ class FastMqttConnector:
         proto, self._protocol = self._protocol, None
         if proto is not None and proto.connected:
             # Clean shutdown: the broker will not send the Last Will, so say it ourselves.
-            self._session.publish(self._status_topic, OFFLINE_PAYLOAD, 1, True)
+            self._session.publish(self._status_topic, OFFLINE_PAYLOAD, 1, True, False)
             try:
                 await self.flush(timeout=5.0)
             except TimeoutError:
-                logger.warning("disconnect: pending publishes not acknowledged within 5 s")
+                pass  # counted and logged by abandon() below
+        left = self._session.abandon()
+        if left:
+            logger.warning("disconnect: %d unacknowledged QoS 1/2 publishes dropped (stats()['dropped'])", left)
+        if proto is not None and proto.connected:
             proto.send_disconnect()
             try:
                 await asyncio.wait_for(asyncio.shield(proto.closed), 1.0)
@@ -398,7 +407,7 @@ class FastMqttConnector:
 
     async def _on_connected(self, proto: AsyncioMqttProtocol) -> None:
         """After every CONNACK: birth, then every registered filter again."""
-        self._session.publish(self._status_topic, ONLINE_PAYLOAD, 1, True)
+        self._session.publish(self._status_topic, ONLINE_PAYLOAD, 1, True, False)
         if not self._filters:
             return
         filters = [(name, entry.qos) for name, entry in self._filters.items()]
@@ -408,9 +417,25 @@ class FastMqttConnector:
                 logger.error("the broker refused the subscription to %r on reconnect; its callbacks are removed", name)
                 self._drop_filter(name)
 
-    def _connection_lost(self, reason: BaseException | None) -> None:
+    def _connection_lost(self, reason: BaseException | None, closed_by_us: bool) -> None:
         """Called by the supervisor when the connection ended unasked."""
         self._protocol = None
+        uptime = self._backoff.uptime()
+        if not closed_by_us and uptime is not None and uptime < self._backoff.stable_after:
+            # MQTT 3.1.1 §3.1.4: a broker closes an existing connection when
+            # another client connects with the same client id. Reconnecting at
+            # once would take it back, and the two would take turns for ever.
+            self._closed_early += 1
+            self._errlog.log(
+                "closed_early",
+                logging.WARNING,
+                "the broker closed the connection %.1f s after accepting it (%s): another client with client id %r "
+                "may have taken the session over; reconnecting with backoff",
+                uptime,
+                reason or "closed",
+                self._client_id,
+            )
+            return
         self._errlog.log(
             "connection_lost", logging.WARNING, "connection to the MQTT broker lost (%s); reconnecting", reason or "closed"
         )
@@ -456,8 +481,7 @@ class FastMqttConnector:
             except asyncio.TimeoutError:
                 acked.cancel()  # nobody waits on it now: the session may forget it
                 raise TimeoutError(
-                    f"flush: {self._session.inflight_count + self._session.backlog_count} publishes "
-                    f"not acknowledged within {limit} s"
+                    f"flush: {self._session.queued_count} publishes not acknowledged within {limit} s"
                 ) from None
         # asyncio has no event for "write buffer empty": poll, briefly.
         delay = 0.0005
@@ -483,8 +507,7 @@ class FastMqttConnector:
         `SubscribeRefusedError` when the broker answers SUBACK 0x80.
         """
         validate_filter(topic_filter)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        qos = validate_qos(qos)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         handle = SubscriptionHandle(self._proxy, topic_filter, callback, raw=raw)
@@ -508,6 +531,10 @@ class FastMqttConnector:
             codes = await asyncio.shield(fut)
         except ConnectionError:
             return handle  # lost before SUBACK: re-subscribed after the reconnect
+        except asyncio.CancelledError:
+            # The caller has no handle to end it: a cancelled subscribe() leaves nothing behind.
+            self._forget(handle)
+            raise
         finally:
             if entry.pending is fut and fut.done():
                 entry.pending = None
@@ -518,26 +545,36 @@ class FastMqttConnector:
 
     async def _remove_subscription(self, handle: SubscriptionHandle) -> None:
         """`handle.unsubscribe()`: stop delivery now; UNSUBSCRIBE with the filter's last handle."""
+        unsubscribed = self._forget(handle)
+        if unsubscribed is not None:
+            try:
+                await unsubscribed
+            except ConnectionError:
+                pass  # the new connection will not subscribe it again
+
+    def _forget(self, handle: SubscriptionHandle) -> asyncio.Future | None:
+        """Stop delivery to `handle` now; UNSUBSCRIBE with the filter's last handle (its UNSUBACK future)."""
+        handle.active = False
         sub = self._handles.pop(handle, None)
         if sub is None:
-            return
+            return None
         sub.active = False
         name = handle.topic_filter
         self._trie.remove(name, sub)
         entry = self._filters.get(name)
         if entry is None:
-            return
+            return None
         if sub in entry.subs:
             entry.subs.remove(sub)
         if entry.subs:
-            return
+            return None
         del self._filters[name]
         proto = self._protocol
-        if proto is not None and proto.connected:
-            try:
-                await proto.unsubscribe([name])
-            except ConnectionError:
-                pass  # the new connection will not subscribe it again
+        if proto is None or not proto.connected:
+            return None
+        unsubscribed = proto.unsubscribe([name])
+        unsubscribed.add_done_callback(_retrieve)
+        return unsubscribed
 
     def _drop_filter(self, name: str) -> None:
         """Forget every subscription on `name` (refused by the broker)."""
@@ -563,9 +600,11 @@ class FastMqttConnector:
             "decode_errors": d.decode_errors,
             "callback_errors": d.callback_errors,
             "published": s.published,
+            "queued": s.queued_count,
             "publish_errors": s.publish_errors,
             "dropped": s.dropped,
             "reconnects": self._reconnects,
+            "closed_early": self._closed_early,
             "queue_depth": d.depth,
             "connected": int(proto is not None and proto.connected),
             "protocol_errors": s.protocol_errors,
@@ -581,6 +620,12 @@ class FastMqttConnector:
         }
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a future's exception retrieved (nobody may await an UNSUBACK)."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def _supervise(ref: weakref.ReferenceType, proto: AsyncioMqttProtocol) -> None:
     """The connector's one background task: wait for the connection to end, reconnect.
 
@@ -589,13 +634,14 @@ async def _supervise(ref: weakref.ReferenceType, proto: AsyncioMqttProtocol) -> 
     """
     while True:
         closed = proto.closed
-        proto = None
         # Shielded: cancelling the supervisor must not cancel the protocol's future.
         reason = await asyncio.shield(closed)
+        closed_by_us = proto.close_reason is not None
+        proto = None
         conn = ref()
         if conn is None or not conn._running:
             return
-        conn._connection_lost(reason)
+        conn._connection_lost(reason, closed_by_us)
         while True:
             delay = conn._backoff.next_delay()
             conn = None
@@ -622,7 +668,7 @@ async def _supervise(ref: weakref.ReferenceType, proto: AsyncioMqttProtocol) -> 
                 # swallowed by wait_for() when _open() finished at the same moment.
                 return
             conn._reconnects += 1
-            conn._backoff.reset()
+            conn._backoff.succeeded()
             logger.info("reconnected to the MQTT broker at %s:%s", conn._hostname, conn._port)
             conn = None
             break

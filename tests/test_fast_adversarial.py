@@ -286,12 +286,11 @@ def _protocol(loop: asyncio.AbstractEventLoop, trie: Any = None, **session: Any)
     from cascade.connectors.mqtt._common import RateLimitedLog, encode_payload
     from cascade_fast._protocol import AsyncioMqttProtocol, Dispatcher, Session
     from cascade_fast._topics import TopicTrie
-    from cascade_fast._topics_py import validate_topic
 
     log = logging.getLogger("cascade.connectors.mqtt")
     errlog = RateLimitedLog(log)
     options = {"max_inflight": 20, "clean_session": True, **session}
-    sess = Session(validate_topic=validate_topic, encode_payload=encode_payload, errlog=errlog, logger=log, **options)
+    sess = Session(encode_payload=encode_payload, errlog=errlog, logger=log, **options)
     sess.set_loop(loop)
     disp = Dispatcher(errlog, log)
     disp.set_loop(loop)
@@ -473,23 +472,25 @@ def test_callback_in_the_drain_task_that_disconnects_keeps_running(loop_factory)
 # -- the publish path ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("queued", [False, True], ids=["window-free", "from-backlog"])
-async def test_publish_that_cannot_be_encoded_takes_no_window_slot(queued):
-    """A QoS 1 PUBLISH over the 256 MiB packet limit (§2.2.3) is counted as a publish error and holds no packet id or window slot, even when it waited in the backlog."""
+@pytest.mark.parametrize("window_full", [False, True], ids=["window-free", "window-full"])
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_publish_that_cannot_be_one_packet_raises_at_the_call_and_leaves_nothing(qos, window_full):
+    """A PUBLISH over the 256 MiB packet limit (§2.2.3) is a ValueError at the call, as in the reference:
+    nothing is written, no packet id or window slot is taken, nothing is counted as published."""
     proto, sess, transport = _protocol(asyncio.get_running_loop(), max_inflight=1)
     huge = bytes(268_435_455)  # payload alone at the limit: topic and packet id push it over
-    if queued:
+    if window_full:
         sess.publish("p/first", b"", 1)  # id 1 fills the window
-        waiter = sess.publish("p/huge", huge, 1)
-        assert waiter is not None and sess.backlog_count == 1
-        proto.data_received(wire.encode_puback(1))  # frees the slot: the huge one is sent from the backlog
-        assert proto.connected and waiter.done()
-    else:
-        assert sess.publish("p/huge", huge, 1) is None
-    del huge
-    assert sess.publish_errors == 1 and sess.inflight_count == 0 and sess.backlog_count == 0
-    assert sess.acknowledged() is None  # flush() would not wait for it
     transport.out.clear()
+    before = (sess.published, sess.publish_errors, sess.dropped, sess.inflight_count, sess.backlog_count)
+    with pytest.raises(ValueError, match="'p/huge' is too large for one MQTT packet"):
+        sess.publish("p/huge", huge, qos)
+    del huge
+    assert (sess.published, sess.publish_errors, sess.dropped, sess.inflight_count, sess.backlog_count) == before
+    assert bytes(transport.out) == b""
+    if window_full:
+        proto.data_received(wire.encode_puback(1))
+    assert sess.acknowledged() is None  # flush() would not wait for it
     assert sess.publish("p/next", b"x", 1) is None  # the window is free
     from cascade_fast import codec
 
@@ -497,8 +498,9 @@ async def test_publish_that_cannot_be_encoded_takes_no_window_slot(queued):
     assert packet.type == "PUBLISH" and packet.topic == "p/next"
 
 
-async def test_window_waiters_and_flush_are_released_when_a_clean_session_connection_is_lost():
-    """publish() calls waiting for a window slot and a pending flush() return when the connection is lost; the lost messages are counted."""
+async def test_window_waiters_return_at_a_connection_loss_and_flush_waits_for_the_acknowledgements():
+    """publish() calls waiting for a window slot return when the connection is lost (nobody hangs through an
+    outage); their messages stay queued, flush() keeps waiting and ends once the new connection acknowledged them."""
     async with ScriptedPeer(ack_publish=False) as peer:
         conn = _connector(peer, keepalive=30, max_inflight=2)
         await conn.connect()
@@ -509,10 +511,19 @@ async def test_window_waiters_and_flush_are_released_when_a_clean_session_connec
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in waiting) and not flushing.done()
         peer.drop()
-        await asyncio.wait_for(asyncio.gather(*waiting, flushing), 5)
+        await asyncio.wait_for(asyncio.gather(*waiting), 5)
         stats = conn.stats()
-        assert stats["publish_errors"] == 2 and stats["dropped"] == 3
-        assert stats["inflight"] == 0 and stats["backlog"] == 0
+        assert stats["publish_errors"] == 0 and stats["dropped"] == 0
+        assert stats["queued"] >= 5  # birth, w/0 and the three that waited
+        assert not flushing.done()
+        await peer.wait_connections(2)
+        peer.ack_publish = True
+        for p in peer.of_type("PUBLISH"):
+            peer.send(wire.encode_puback(p.packet_id))
+        await asyncio.wait_for(flushing, 5)
+        sent = [p.payload for p in peer.of_type("PUBLISH") if p.topic == "w/x"]
+        assert {b'{"n":1}', b'{"n":2}', b'{"n":3}'} <= set(sent)
+        assert conn.stats()["queued"] == 0
         await conn.disconnect()
         current = asyncio.current_task()
         assert [t for t in asyncio.all_tasks() if t is not current and not t.done()] == []

@@ -113,31 +113,63 @@ class RateLimitedLog:
         return True
 
 
+#: A connection that lasted this long counts as a success: the reconnect
+#: delays start over only then. One that dies sooner (a retained message
+#: the client cannot take, another client taking the session over) keeps
+#: the backoff growing, so it can never reconnect at full speed for ever.
+STABLE_CONNECTION = 10.0
+
+
 class Backoff:
     """Jittered exponential reconnect delays ("full jitter"), capped.
 
     The n-th delay is uniform in [initial/2, min(cap, initial * 2**n)], so a
-    fleet that lost its broker at once does not come back at once.
+    fleet that lost its broker at once does not come back at once. A CONNACK
+    does not reset the sequence; a connection that stayed up
+    `stable_after` seconds does (see `succeeded`).
     """
 
-    __slots__ = ("initial", "cap", "_attempt", "_random")
+    __slots__ = ("initial", "cap", "stable_after", "_attempt", "_random", "_up_since")
 
-    def __init__(self, initial: float = 0.1, cap: float = 30.0, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        initial: float = 0.1,
+        cap: float = 30.0,
+        *,
+        rng: random.Random | None = None,
+        stable_after: float = STABLE_CONNECTION,
+    ) -> None:
         if initial <= 0 or cap < initial:
             raise ValueError(f"reconnect delays need 0 < initial <= cap, got initial={initial!r} cap={cap!r}")
         self.initial = initial
         self.cap = cap
+        self.stable_after = stable_after
         self._attempt = 0
         self._random = rng or random.Random()
+        self._up_since: float | None = None
 
     def next_delay(self) -> float:
+        """The delay before the next attempt (after a loss, or a failed attempt)."""
+        uptime = self.uptime()
+        self._up_since = None
+        if uptime is not None and uptime >= self.stable_after:
+            self._attempt = 0
         ceiling = min(self.cap, self.initial * (2 ** min(self._attempt, 32)))
         self._attempt += 1
         return self._random.uniform(self.initial / 2, ceiling)
 
+    def succeeded(self) -> None:
+        """A connection got its CONNACK; the delays reset once it has lasted `stable_after` seconds."""
+        self._up_since = time.monotonic()
+
+    def uptime(self) -> float | None:
+        """Seconds since the last `succeeded()` (None before one, or after `next_delay`)."""
+        return None if self._up_since is None else time.monotonic() - self._up_since
+
     def reset(self) -> None:
-        """Call after a connection succeeded."""
+        """Start over (a new `connect()` call)."""
         self._attempt = 0
+        self._up_since = None
 
 
 class SubscriptionHandle:

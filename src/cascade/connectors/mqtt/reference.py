@@ -48,7 +48,7 @@ import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError, MqttError
 
 from cascade_fast._errors import ConnectRefusedError, SubscribeRefusedError
-from cascade_fast._topics_py import TopicTrie, validate_filter, validate_topic
+from cascade_fast._topics_py import TopicTrie, validate_filter, validate_payload_size, validate_qos, validate_topic
 
 from ._common import (
     OFFLINE_PAYLOAD,
@@ -624,9 +624,10 @@ class _Engine:
 
     async def publish(self, topic: str, payload: Payload, qos: int, retain: bool) -> None:
         validate_topic(topic)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
-        await self._send(topic, encode_payload(payload), qos, bool(retain))
+        qos = validate_qos(qos)
+        data = encode_payload(payload)
+        validate_payload_size(topic, len(data), qos)
+        await self._send(topic, data, qos, bool(retain))
 
     async def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo | None:
         """Hand one PUBLISH to paho without waiting for it: counts, never raises for network state.
@@ -710,8 +711,7 @@ class _Engine:
         self, owner: Any, topic_filter: str, callback: Callback, qos: int, raw: bool
     ) -> SubscriptionHandle:
         validate_filter(topic_filter)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
+        qos = validate_qos(qos)
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         handle = SubscriptionHandle(owner, topic_filter, callback, raw=raw)
