@@ -12,6 +12,10 @@ cdef class PacketSink:
     cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1
     # Every other packet, as the named tuple `feed` would return.
     cdef int on_packet(self, object packet) except -1
+    # A PUBLISH over max_packet_size, being skipped: its variable header (the
+    # payload is discarded as it arrives); size is the remaining length
+    # announced. Same error contract as on_publish.
+    cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1
 
 
 cdef class CallbackSink(PacketSink):
@@ -19,6 +23,7 @@ cdef class CallbackSink(PacketSink):
     cdef:
         object _on_publish   # callable(topic, payload, qos, retain, dup, packet_id)
         object _on_packet    # callable(packet)
+        object _on_oversized # callable(topic, qos, retain, dup, packet_id, size), or None
 
 
 cdef class CountingSink(PacketSink):
@@ -27,6 +32,7 @@ cdef class CountingSink(PacketSink):
         public Py_ssize_t publishes      # PUBLISH packets received
         public Py_ssize_t payload_bytes  # their payload bytes
         public Py_ssize_t packets        # other packets received
+        public Py_ssize_t oversized      # oversized PUBLISH packets skipped
 
 
 cdef class Decoder:
@@ -39,6 +45,8 @@ cdef class Decoder:
         bint _in_sink            # a sink method is running (tells its exceptions from ours)
         bint _rest               # _tail is what followed a packet whose sink raised:
                                  # it may hold complete packets, not just a partial one
+        Py_ssize_t _skip         # bytes of an oversized PUBLISH still to discard
+        Py_ssize_t _skip_size    # that packet's whole size, fixed header included
 
     # Decode every complete packet in `data` (after the kept tail) into `sink`.
     # Error contract (except -1): a ProtocolError poisons the decoder (every

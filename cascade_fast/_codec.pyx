@@ -41,6 +41,7 @@ from cascade_fast.packets import (
     Publish,
     Pubrec,
     Pubrel,
+    Oversized,
     Suback,
     Subscribe,
     Unsuback,
@@ -88,7 +89,8 @@ __all__ = [
     "encode_unsubscribe",
 ]
 
-DEFAULT_MAX_PACKET_SIZE = 256 * 1024 * 1024
+# 1 MiB: why, in the pure twin.
+DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
 MAX_REMAINING_LENGTH = 268_435_455
 # Decoder accepts max_packet_size up to this (anything >= 268435455 is "no limit").
 cdef object _MAX_PACKET_SIZE_LIMIT = 4_294_967_296
@@ -198,10 +200,15 @@ cdef int _bad_first_byte(unsigned char b0) except -1:
 
 
 cdef inline int _check_length(unsigned char b0, Py_ssize_t rem, Py_ssize_t max_size) except -1:
-    """Refuse a remaining length over the limit or wrong for a fixed-size packet."""
+    """Refuse a remaining length over the limit or wrong for a fixed-size packet.
+
+    1 for a PUBLISH over the limit, which the decoder skips; else 0.
+    """
     cdef int ptype = b0 >> 4
     cdef int fixed = _FIXED_LENGTH[ptype]
     if rem > max_size:
+        if ptype == T_PUBLISH:
+            return 1
         raise ProtocolError(f"remaining length {rem} exceeds max_packet_size {max_size}")
     if fixed >= 0 and rem != fixed:
         raise ProtocolError(f"{_NAMES[ptype]} remaining length {rem}, expected {fixed} (MQTT 3.1.1 §3.{ptype}.1)")
@@ -214,12 +221,13 @@ cdef inline int _parse_header(
 ) except -1:
     """Parse the fixed header at buf[pos:n]: 1 when complete, 0 when more bytes are needed.
 
-    The first byte is validated as soon as it is there, the remaining length
+    2 when complete and the packet is a PUBLISH over max_size (to skip). The
+    first byte is validated as soon as it is there, the remaining length
     (§2.2.3) as soon as it is complete: before the body is waited for.
     """
     cdef unsigned char b0, byte
     cdef Py_ssize_t rem = 0, i = pos + 1
-    cdef int shift = 0
+    cdef int shift = 0, complete = 1
     if pos >= n:
         return 0
     b0 = buf[pos]
@@ -237,11 +245,20 @@ cdef inline int _parse_header(
         if shift == 28:
             raise ProtocolError("remaining length longer than 4 bytes (MQTT 3.1.1 §2.2.3)")
     if rem > max_size or _FIXED_LENGTH[b0 >> 4] >= 0:
-        _check_length(b0, rem, max_size)
+        complete += _check_length(b0, rem, max_size)
     b0_out[0] = b0
     rem_out[0] = rem
     start_out[0] = i
-    return 1
+    return complete
+
+
+cdef inline Py_ssize_t _head_size(
+    const unsigned char* buf, Py_ssize_t start, Py_ssize_t n, unsigned char b0, Py_ssize_t rem,
+) noexcept:
+    """Bytes of a PUBLISH's variable header, whose body starts at buf[start] (pure twin's _head_size)."""
+    if n - start < 2 or rem < 2:
+        return min(rem, 2)
+    return min(rem, 2 + ((buf[start] << 8) | buf[start + 1]) + (2 if b0 & 6 else 0))
 
 
 cdef inline int _read_u16(const unsigned char* buf, Py_ssize_t pos, Py_ssize_t end, str what) except -1:
@@ -509,6 +526,31 @@ cdef object _decode_other(unsigned char b0, const unsigned char* buf, Py_ssize_t
     return _decode_unsubscribe(buf, pos, end)
 
 
+cdef inline str _publish_head(
+    const unsigned char* buf, Py_ssize_t start, Py_ssize_t end, unsigned char b0, Py_ssize_t* p_out, int* pid_out,
+):
+    """A PUBLISH's topic name and, at QoS 1 and 2, packet identifier (§3.3.2).
+
+    From the body buf[start:end]; sets pid_out (left as is at QoS 0) and
+    p_out, where the payload starts.
+    """
+    cdef Py_ssize_t tlen, p
+    cdef str topic
+    if end - start < 2:
+        raise ProtocolError("PUBLISH topic length runs past the end of the packet")
+    tlen = (buf[start] << 8) | buf[start + 1]
+    p = start + 2
+    if tlen > end - p:
+        raise ProtocolError(f"PUBLISH topic length {tlen} runs past the end of the packet")
+    topic = _make_str(buf + p, tlen, "PUBLISH topic", STR_TOPIC)
+    p += tlen
+    if (b0 >> 1) & 3:
+        pid_out[0] = _read_pid(buf, p, end, "PUBLISH")
+        p += 2
+    p_out[0] = p
+    return topic
+
+
 cdef int _deliver(
     Decoder self, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end, unsigned char b0,
     PacketSink sink, list out,
@@ -518,24 +560,13 @@ cdef int _deliver(
     Sets `self._in_sink` around the sink call so `_parse` can tell the sink's
     exceptions (the packet is consumed) from the decoder's (poison).
     """
-    cdef Py_ssize_t tlen, p
+    cdef Py_ssize_t p
     cdef int qos, pid = 0
     cdef str topic
     cdef bytes payload
     if b0 >> 4 == T_PUBLISH:
-        # §3.3.2: topic name, packet identifier (QoS 1, 2), payload to the end.
-        if end - start < 2:
-            raise ProtocolError("PUBLISH topic length runs past the end of the packet")
-        tlen = (buf[start] << 8) | buf[start + 1]
-        p = start + 2
-        if tlen > end - p:
-            raise ProtocolError(f"PUBLISH topic length {tlen} runs past the end of the packet")
-        topic = _make_str(buf + p, tlen, "PUBLISH topic", STR_TOPIC)
-        p += tlen
+        topic = _publish_head(buf, start, end, b0, &p, &pid)
         qos = (b0 >> 1) & 3
-        if qos:
-            pid = _read_pid(buf, p, end, "PUBLISH")
-            p += 2
         payload = PyBytes_FromStringAndSize(<const char*>buf + p, end - p)
         if sink is not None:
             self._in_sink = True
@@ -554,6 +585,38 @@ cdef int _deliver(
     return 0
 
 
+cdef Py_ssize_t _skip_publish(
+    Decoder self, const unsigned char* buf, Py_ssize_t pos, Py_ssize_t start, Py_ssize_t head, Py_ssize_t n,
+    unsigned char b0, Py_ssize_t rem, PacketSink sink, list out,
+) except -1:
+    """Report the oversized PUBLISH at buf[pos:], whose variable header is buf[start:head].
+
+    Then discard what buf[:n] holds of the rest of it; return the position
+    after that. The skip is set up before the sink runs, so a sink that
+    raises leaves the packet consumed (its rest still skipped).
+    """
+    cdef Py_ssize_t p
+    cdef int pid = 0
+    cdef int qos = (b0 >> 1) & 3
+    cdef str topic = _publish_head(buf, start, head, b0, &p, &pid)
+    self._skip = start + rem - head
+    self._skip_size = start + rem - pos
+    if sink is not None:
+        self._in_sink = True
+        sink.on_oversized(topic, qos, b0 & 1, (b0 >> 3) & 1, pid, rem)
+        self._in_sink = False
+    else:
+        out.append(Oversized("OVERSIZED", topic, qos, b0 & 1 != 0, b0 & 8 != 0, pid if qos else None, rem))
+    return _discard(self, head, n)
+
+
+cdef inline Py_ssize_t _discard(Decoder self, Py_ssize_t pos, Py_ssize_t n) noexcept:
+    """Drop what buf[pos:n] holds of the packet being skipped; the position after it."""
+    cdef Py_ssize_t step = min(self._skip, n - pos)
+    self._skip -= step
+    return pos + step
+
+
 # --------------------------------------------------------------------------
 # Sinks
 
@@ -561,7 +624,7 @@ cdef int _deliver(
 cdef class PacketSink:
     """Receives decoded packets from `Decoder.feed_to`, in stream order.
 
-    Subclass it in Cython and override both cdef methods (see _codec.pxd);
+    Subclass it in Cython and override the cdef methods (see _codec.pxd);
     the base class ignores everything. Python code uses `CallbackSink`.
     """
 
@@ -571,13 +634,21 @@ cdef class PacketSink:
     cdef int on_packet(self, object packet) except -1:
         return 0
 
+    cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1:
+        return 0
+
 
 cdef class CallbackSink(PacketSink):
-    """A sink forwarding to two Python callables (same class in both twins)."""
+    """A sink forwarding to Python callables (same class in both twins).
 
-    def __init__(self, on_publish, on_packet):
+    `on_oversized` is optional: without it oversized PUBLISH packets are
+    skipped silently.
+    """
+
+    def __init__(self, on_publish, on_packet, on_oversized=None):
         self._on_publish = on_publish
         self._on_packet = on_packet
+        self._on_oversized = on_oversized
 
     cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1:
         self._on_publish(topic, payload, qos, retain, dup, packet_id)
@@ -585,6 +656,11 @@ cdef class CallbackSink(PacketSink):
 
     cdef int on_packet(self, object packet) except -1:
         self._on_packet(packet)
+        return 0
+
+    cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1:
+        if self._on_oversized is not None:
+            self._on_oversized(topic, qos, retain, dup, packet_id, size)
         return 0
 
 
@@ -595,6 +671,7 @@ cdef class CountingSink(PacketSink):
         self.publishes = 0
         self.payload_bytes = 0
         self.packets = 0
+        self.oversized = 0
 
     cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1:
         self.publishes += 1
@@ -603,6 +680,10 @@ cdef class CountingSink(PacketSink):
 
     cdef int on_packet(self, object packet) except -1:
         self.packets += 1
+        return 0
+
+    cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1:
+        self.oversized += 1
         return 0
 
 
@@ -626,6 +707,8 @@ cdef class Decoder:
         self._busy = False
         self._in_sink = False
         self._rest = False
+        self._skip = 0
+        self._skip_size = 0
 
     @property
     def max_packet_size(self):
@@ -636,6 +719,13 @@ cdef class Decoder:
     def pending(self):
         """Bytes kept from previous feeds (an incomplete packet, or after a sink raised)."""
         return PyByteArray_GET_SIZE(self._tail)
+
+    @property
+    def partial(self):
+        """Bytes of the incomplete packet in progress received so far, buffered or skipped (pure twin)."""
+        if self._skip:
+            return self._skip_size - self._skip
+        return 0 if self._rest else PyByteArray_GET_SIZE(self._tail)
 
     def feed(self, data):
         """Decode `data` after what was kept; return the completed packets."""
@@ -651,9 +741,10 @@ cdef class Decoder:
             # A Python subclass: methods it defines in Python would be
             # silently ignored (the decoder calls the C-level ones).
             cls = type(sink)
-            if getattr(cls, "on_publish", None) is not None or getattr(cls, "on_packet", None) is not None:
+            if (getattr(cls, "on_publish", None) is not None or getattr(cls, "on_packet", None) is not None
+                    or getattr(cls, "on_oversized", None) is not None):
                 raise TypeError(
-                    f"{cls.__name__} defines on_publish/on_packet in Python, which the compiled decoder "
+                    f"{cls.__name__} defines on_publish/on_packet/on_oversized in Python, which the compiled decoder "
                     "never calls: override them in a Cython subclass, or use CallbackSink"
                 )
         return self._run(data, sink, None)
@@ -706,6 +797,8 @@ cdef class Decoder:
         cdef bytes packet
         cdef bytearray tail = self._tail
         try:
+            if self._skip:
+                pos = _discard(self, 0, n)
             tlen = PyByteArray_GET_SIZE(tail)
             if tlen:
                 # Complete the kept packet with as few bytes of `buf` as it
@@ -720,18 +813,29 @@ cdef class Decoder:
                     complete = _parse_header(<const unsigned char*>PyByteArray_AS_STRING(tail), 0, tlen, self._max, &b0, &rem, &start)
                 if not complete:
                     return 0
-                need = start + rem - tlen
-                if need > n - pos:
-                    PyByteArray_Resize(tail, tlen + n - pos)
-                    memcpy(PyByteArray_AS_STRING(tail) + tlen, buf + pos, n - pos)
-                    return 0
-                packet = PyBytes_FromStringAndSize(NULL, start + rem)
-                memcpy(PyBytes_AS_STRING(packet), PyByteArray_AS_STRING(tail), tlen)
-                memcpy(PyBytes_AS_STRING(packet) + tlen, buf + pos, need)
-                PyByteArray_Resize(tail, 0)
-                pos += need
-                resume = pos
-                _deliver(self, <const unsigned char*>PyBytes_AS_STRING(packet), start, start + rem, b0, sink, out)
+                if complete == 2:
+                    # An oversized PUBLISH: parse the kept bytes (its header,
+                    # part of its variable header) and `buf` as one buffer.
+                    packet = PyBytes_FromStringAndSize(NULL, tlen + n - pos)
+                    memcpy(PyBytes_AS_STRING(packet), PyByteArray_AS_STRING(tail), tlen)
+                    memcpy(PyBytes_AS_STRING(packet) + tlen, buf + pos, n - pos)
+                    PyByteArray_Resize(tail, 0)
+                    buf = <const unsigned char*>PyBytes_AS_STRING(packet)
+                    n = tlen + n - pos
+                    pos = 0
+                else:
+                    need = start + rem - tlen
+                    if need > n - pos:
+                        PyByteArray_Resize(tail, tlen + n - pos)
+                        memcpy(PyByteArray_AS_STRING(tail) + tlen, buf + pos, n - pos)
+                        return 0
+                    packet = PyBytes_FromStringAndSize(NULL, start + rem)
+                    memcpy(PyBytes_AS_STRING(packet), PyByteArray_AS_STRING(tail), tlen)
+                    memcpy(PyBytes_AS_STRING(packet) + tlen, buf + pos, need)
+                    PyByteArray_Resize(tail, 0)
+                    pos += need
+                    resume = pos
+                    _deliver(self, <const unsigned char*>PyBytes_AS_STRING(packet), start, start + rem, b0, sink, out)
             while pos < n:
                 # The common case inline: a valid first byte and a one-byte
                 # remaining length (packets under 128 bytes).
@@ -739,8 +843,19 @@ cdef class Decoder:
                 if pos + 1 < n and buf[pos + 1] < 0x80 and _FIRST_OK[b0] and _FIXED_LENGTH[b0 >> 4] < 0 and buf[pos + 1] <= self._max:
                     rem = buf[pos + 1]
                     start = pos + 2
-                elif not _parse_header(buf, pos, n, self._max, &b0, &rem, &start):
-                    break
+                else:
+                    complete = _parse_header(buf, pos, n, self._max, &b0, &rem, &start)
+                    if complete != 1:
+                        if not complete:
+                            break
+                        # An oversized PUBLISH (_check_length refused any
+                        # other type): report it once its variable header is here.
+                        need = start + _head_size(buf, start, n, b0, rem)
+                        if need > n:
+                            break
+                        resume = need
+                        pos = _skip_publish(self, buf, pos, start, need, n, b0, rem, sink, out)
+                        continue
                 end = start + rem
                 if end > n:
                     break
@@ -760,6 +875,7 @@ cdef class Decoder:
             elif isinstance(exc, ProtocolError):
                 self._error = str(exc)
                 PyByteArray_Resize(tail, 0)
+                self._skip = 0
             raise
         return 0
 

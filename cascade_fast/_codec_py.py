@@ -15,14 +15,31 @@ Decoding
     incoming chunk; only an incomplete tail is kept between calls (asyncpg's
     model). ``feed_to(data, sink)`` is the same decoder calling
     ``sink.on_publish(topic, payload, qos, retain, dup, packet_id)`` for each
-    PUBLISH (``packet_id`` 0 at QoS 0, no tuple built) and
-    ``sink.on_packet(packet)`` for every other packet.
+    PUBLISH (``packet_id`` 0 at QoS 0, no tuple built),
+    ``sink.on_oversized(topic, qos, retain, dup, packet_id, size)`` for each
+    oversized PUBLISH (below) and ``sink.on_packet(packet)`` for every other
+    packet.
 
     The bytes are untrusted: every length is checked against the packet
-    before it is used, a remaining length above ``max_packet_size`` is
-    refused from the fixed header alone (before anything is buffered), and
-    each violation raises `ProtocolError` naming the rule and its section.
-    The fixed header's first byte is checked as soon as it arrives.
+    before it is used, and each violation raises `ProtocolError` naming the
+    rule and its section. The fixed header's first byte is checked as soon
+    as it arrives, the remaining length as soon as it is complete.
+
+Oversized packets
+    A remaining length above ``max_packet_size`` is judged from the fixed
+    header alone, before anything is buffered. A PUBLISH is skipped, not
+    refused: one message too large for this receiver (a retained one, say)
+    must not kill a connection that would only get it again after the
+    reconnect. The decoder buffers its variable header only (topic name, and
+    the packet identifier at QoS > 0: at most 65,539 bytes, validated as for
+    any PUBLISH), reports it (`feed` returns an `Oversized` packet, `feed_to`
+    calls ``on_oversized``; ``size`` is the remaining length announced), then
+    discards the rest of the packet's bytes as they arrive, never keeping
+    them, and decodes on from the next packet. Any other packet type over
+    the limit is a `ProtocolError`: a peer never legitimately sends one.
+    ``Decoder.partial`` counts the bytes of the packet in progress, buffered
+    or skipped, so a receiver can give a packet that never completes a
+    deadline.
 
 Errors and state (the exact rule, identical in both twins)
     * `ProtocolError` from the decoder poisons it: the stream is unusable
@@ -63,6 +80,7 @@ from .packets import (
     Publish,
     Pubrec,
     Pubrel,
+    Oversized,
     Suback,
     Subscribe,
     Unsuback,
@@ -94,9 +112,13 @@ __all__ = [
     "encode_unsubscribe",
 ]
 
-#: Default `Decoder` limit on a packet's remaining length: 256 MiB, which is
-#: above the largest encodable length, i.e. only the spec's limit applies.
-DEFAULT_MAX_PACKET_SIZE = 256 * 1024 * 1024
+#: Default `Decoder` limit on a packet's remaining length: 1 MiB, sized for
+#: telemetry. The spec allows 256 MiB, but a peer only has to announce such a
+#: length to make a receiver buffer it: with the limit a larger PUBLISH costs
+#: its variable header (at most 65,539 bytes) and is skipped, not hundreds of
+#: MiB. Pass ``max_packet_size`` for larger messages (268435455 or more: only
+#: the spec's limit).
+DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
 #: MQTT 3.1.1 §2.2.3: four bytes of 7 bits.
 MAX_REMAINING_LENGTH = 268_435_455
 # Decoder accepts max_packet_size up to this (anything >= 268435455 is "no limit").
@@ -184,13 +206,28 @@ def _parse_header(buf: bytes, pos: int, n: int, max_size: int) -> tuple[int, int
 
 
 def _check_length(b0: int, rem: int, max_size: int) -> None:
-    """Refuse a remaining length over the limit or wrong for a fixed-size packet."""
-    if rem > max_size:
-        raise ProtocolError(f"remaining length {rem} exceeds max_packet_size {max_size}")
+    """Refuse a remaining length over the limit or wrong for a fixed-size packet.
+
+    A PUBLISH over the limit passes: the decoder skips it (module docstring).
+    """
     ptype = b0 >> 4
+    if rem > max_size and ptype != 3:
+        raise ProtocolError(f"remaining length {rem} exceeds max_packet_size {max_size}")
     fixed = _FIXED_LENGTH[ptype]
     if fixed >= 0 and rem != fixed:
         raise ProtocolError(f"{_NAMES[ptype]} remaining length {rem}, expected {fixed} (MQTT 3.1.1 §3.{ptype}.1)")
+
+
+def _head_size(b0: int, buf: bytes, start: int, n: int, rem: int) -> int:
+    """Bytes of a PUBLISH's variable header, whose body starts at ``buf[start]``.
+
+    While the topic length is not there yet, its two bytes. Never more than
+    the remaining length ``rem``: a shorter packet is complete at ``rem``
+    bytes and `_decode_publish` then raises for it, as for any PUBLISH.
+    """
+    if n - start < 2 or rem < 2:
+        return min(rem, 2)
+    return min(rem, 2 + ((buf[start] << 8) | buf[start + 1]) + (2 if b0 & 6 else 0))
 
 
 def _read_u16(buf: bytes, pos: int, end: int, what: str) -> int:
@@ -421,7 +458,7 @@ def _decode_publish(b0: int, buf: bytes, pos: int, end: int) -> tuple[str, bytes
 class PacketSink:
     """Receives decoded packets from `Decoder.feed_to`, in stream order.
 
-    The base class ignores everything; subclasses override both methods. The
+    The base class ignores everything; subclasses override the methods. The
     compiled twin's `PacketSink` is a cdef class whose methods are C-level
     (``cascade_fast/_codec.pxd``); Python code wanting callbacks from either
     twin uses `CallbackSink`.
@@ -435,15 +472,23 @@ class PacketSink:
     def on_packet(self, packet: Any) -> None:
         """Any other packet, as the named tuple `Decoder.feed` would return."""
 
+    def on_oversized(self, topic: str, qos: int, retain: bool, dup: bool, packet_id: int, size: int) -> None:
+        """A PUBLISH over ``max_packet_size`` being skipped; ``size`` is its remaining length."""
+
 
 class CallbackSink(PacketSink):
-    """A sink forwarding to two Python callables (same class in both twins)."""
+    """A sink forwarding to Python callables (same class in both twins).
 
-    __slots__ = ("_on_publish", "_on_packet")
+    ``on_oversized`` is optional: without it oversized PUBLISH packets are
+    skipped silently.
+    """
 
-    def __init__(self, on_publish: Any, on_packet: Any) -> None:
+    __slots__ = ("_on_publish", "_on_packet", "_on_oversized")
+
+    def __init__(self, on_publish: Any, on_packet: Any, on_oversized: Any = None) -> None:
         self._on_publish = on_publish
         self._on_packet = on_packet
+        self._on_oversized = on_oversized
 
     def on_publish(self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int) -> None:
         """Forward to the ``on_publish`` callable."""
@@ -453,16 +498,22 @@ class CallbackSink(PacketSink):
         """Forward to the ``on_packet`` callable."""
         self._on_packet(packet)
 
+    def on_oversized(self, topic: str, qos: int, retain: bool, dup: bool, packet_id: int, size: int) -> None:
+        """Forward to the ``on_oversized`` callable, if one was given."""
+        if self._on_oversized is not None:
+            self._on_oversized(topic, qos, retain, dup, packet_id, size)
+
 
 class CountingSink(PacketSink):
     """Counts what it receives; the trivial sink of the benchmarks and tests."""
 
-    __slots__ = ("publishes", "payload_bytes", "packets")
+    __slots__ = ("publishes", "payload_bytes", "packets", "oversized")
 
     def __init__(self) -> None:
         self.publishes = 0
         self.payload_bytes = 0
         self.packets = 0
+        self.oversized = 0
 
     def on_publish(self, topic: str, payload: bytes, qos: int, retain: bool, dup: bool, packet_id: int) -> None:
         """Count one PUBLISH and its payload size."""
@@ -472,6 +523,10 @@ class CountingSink(PacketSink):
     def on_packet(self, packet: Any) -> None:
         """Count one other packet."""
         self.packets += 1
+
+    def on_oversized(self, topic: str, qos: int, retain: bool, dup: bool, packet_id: int, size: int) -> None:
+        """Count one skipped PUBLISH."""
+        self.oversized += 1
 
 
 # --------------------------------------------------------------------------
@@ -484,7 +539,7 @@ class Decoder:
     See the module docstring for the error and state rules.
     """
 
-    __slots__ = ("_tail", "_max", "_error", "_busy", "_rest")
+    __slots__ = ("_tail", "_max", "_error", "_busy", "_rest", "_skip", "_skip_size")
 
     def __init__(self, max_packet_size: int = DEFAULT_MAX_PACKET_SIZE) -> None:
         max_packet_size = _index(max_packet_size)
@@ -497,6 +552,8 @@ class Decoder:
         # _tail is what followed a packet whose sink raised: it may hold
         # complete packets, not just a partial one.
         self._rest = False
+        self._skip = 0  # bytes of an oversized PUBLISH still to discard
+        self._skip_size = 0  # that packet's whole size, fixed header included
 
     @property
     def max_packet_size(self) -> int:
@@ -507,6 +564,19 @@ class Decoder:
     def pending(self) -> int:
         """Bytes kept from previous feeds (an incomplete packet, or after a sink raised)."""
         return len(self._tail)
+
+    @property
+    def partial(self) -> int:
+        """Bytes of the incomplete packet in progress received so far, buffered or skipped.
+
+        0 at a packet boundary (also after a sink raised: the bytes kept then
+        are not decoded yet). A receiver gives a packet that stays partial a
+        deadline: a peer trickling one byte at a time must not hold the
+        connection for ever.
+        """
+        if self._skip:
+            return self._skip_size - self._skip
+        return 0 if self._rest else len(self._tail)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Any]:
         """Decode ``data`` after what was kept; return the completed packets."""
@@ -538,6 +608,8 @@ class Decoder:
         resume = -1  # while a sink runs: where the next packet starts
         self._busy = True
         try:
+            if self._skip:
+                pos = self._discard(0, n)
             if self._tail:
                 # Complete the kept packet with as few bytes of `buf` as it
                 # needs, then parse the rest of `buf` in place.
@@ -552,29 +624,37 @@ class Decoder:
                     self._tail = tail
                     return
                 b0, rem, start = header
-                need = start + rem - len(tail)
-                if need > n - pos:
-                    self._tail = tail + buf[pos:]
-                    return
-                packet = tail + buf[pos : pos + need]
-                pos += need
-                self._tail = b""
-                end = start + rem
-                if b0 >> 4 == 3:
-                    topic, payload, qos, retain, dup, pid = _decode_publish(b0, packet, start, end)
-                    if sink is None:
-                        out.append(Publish("PUBLISH", topic, payload, qos, retain, dup, pid if qos else None))  # type: ignore[union-attr]
-                    else:
-                        resume = pos
-                        sink.on_publish(topic, payload, qos, retain, dup, pid)
+                if rem > max_size:
+                    # An oversized PUBLISH: parse the kept bytes (its header,
+                    # part of its variable header) and `buf` as one buffer.
+                    buf = tail + buf[pos:]
+                    n = len(buf)
+                    pos = 0
+                    self._tail = b""
                 else:
-                    packet_obj = _decode_other(b0, packet, start, end)
-                    if sink is None:
-                        out.append(packet_obj)  # type: ignore[union-attr]
+                    need = start + rem - len(tail)
+                    if need > n - pos:
+                        self._tail = tail + buf[pos:]
+                        return
+                    packet = tail + buf[pos : pos + need]
+                    pos += need
+                    self._tail = b""
+                    end = start + rem
+                    if b0 >> 4 == 3:
+                        topic, payload, qos, retain, dup, pid = _decode_publish(b0, packet, start, end)
+                        if sink is None:
+                            out.append(Publish("PUBLISH", topic, payload, qos, retain, dup, pid if qos else None))  # type: ignore[union-attr]
+                        else:
+                            resume = pos
+                            sink.on_publish(topic, payload, qos, retain, dup, pid)
                     else:
-                        resume = pos
-                        sink.on_packet(packet_obj)
-                resume = -1
+                        packet_obj = _decode_other(b0, packet, start, end)
+                        if sink is None:
+                            out.append(packet_obj)  # type: ignore[union-attr]
+                        else:
+                            resume = pos
+                            sink.on_packet(packet_obj)
+                    resume = -1
             while pos < n:
                 # Fast path for the common one-byte-length header, else the
                 # general parser (which also validates the first byte).
@@ -582,13 +662,28 @@ class Decoder:
                 if pos + 1 < n and buf[pos + 1] < 0x80 and b0 >> 4 == 3 and (b0 & 6) != 6 and (b0 & 14) != 8:
                     rem = buf[pos + 1]
                     start = pos + 2
-                    if rem > max_size:
-                        _check_length(b0, rem, max_size)
                 else:
                     header = _parse_header(buf, pos, n, max_size)
                     if header is None:
                         break
                     b0, rem, start = header
+                if rem > max_size:
+                    # An oversized PUBLISH (_check_length refused any other
+                    # type): report it once its variable header is here.
+                    head = start + _head_size(b0, buf, start, n, rem)
+                    if head > n:
+                        break
+                    topic, _, qos, retain, dup, pid = _decode_publish(b0, buf, start, head)
+                    self._skip = start + rem - head
+                    self._skip_size = start + rem - pos
+                    if sink is None:
+                        out.append(Oversized("OVERSIZED", topic, qos, retain, dup, pid if qos else None, rem))  # type: ignore[union-attr]
+                    else:
+                        resume = head
+                        sink.on_oversized(topic, qos, retain, dup, pid, rem)
+                    resume = -1
+                    pos = self._discard(head, n)
+                    continue
                 end = start + rem
                 if end > n:
                     break
@@ -618,9 +713,16 @@ class Decoder:
             elif isinstance(exc, ProtocolError):
                 self._error = str(exc)
                 self._tail = b""
+                self._skip = 0
             raise
         finally:
             self._busy = False
+
+    def _discard(self, pos: int, n: int) -> int:
+        """Drop what ``buf[pos:n]`` holds of the packet being skipped; the position after it."""
+        step = min(self._skip, n - pos)
+        self._skip -= step
+        return pos + step
 
 
 # --------------------------------------------------------------------------

@@ -131,6 +131,25 @@ class Disconnect(NamedTuple):
     type: str
 
 
+class Oversized(NamedTuple):
+    """A PUBLISH whose remaining length exceeded the decoder's ``max_packet_size``.
+
+    Not an MQTT packet type: the decoder's report that it skipped one. It
+    read the variable header (topic, and ``packet_id`` at QoS > 0, None at
+    QoS 0, as in `Publish`) and discarded the payload as it arrived, so the
+    receiver can still acknowledge and count the message without the
+    connection paying for it. ``size`` is the remaining length announced.
+    """
+
+    type: str
+    topic: str
+    qos: int
+    retain: bool
+    dup: bool
+    packet_id: int | None
+    size: int
+
+
 #: MQTT 3.1.1 §2.2.1, Table 2.1: control packet type value -> name.
 PACKET_TYPES: dict[int, str] = {
     1: "CONNECT",
@@ -164,6 +183,7 @@ Packet = (
     | Pingreq
     | Pingresp
     | Disconnect
+    | Oversized
 )
 
 # The packets without a variable part are immutable and equal to any other
@@ -180,6 +200,7 @@ __all__ = [
     "Connack",
     "Connect",
     "Disconnect",
+    "Oversized",
     "Packet",
     "Pingreq",
     "Pingresp",

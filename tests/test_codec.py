@@ -8,8 +8,10 @@ each malformed-input rule with its message, and the decoder's state rules.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from cascade_fast.packets import (
     PINGRESP,
     Connack,
     Connect,
+    Oversized,
     Puback,
     Pubcomp,
     Publish,
@@ -82,7 +85,7 @@ def test_selector_exports() -> None:
     """cascade_fast.codec exports the Decoder, the constants and every encoder."""
     for name in codec.__all__:
         assert getattr(codec, name) is not None
-    assert codec.DEFAULT_MAX_PACKET_SIZE == 256 * 1024 * 1024
+    assert codec.DEFAULT_MAX_PACKET_SIZE == 1024 * 1024
     assert {n for n in dir(_codec_py) if n.startswith("encode_")} <= set(codec.__all__)
 
 
@@ -207,7 +210,8 @@ def test_remaining_length_boundaries(impl: Any, size: int, header: bytes) -> Non
     wire = impl.encode_publish("t", payload)
     assert wire[: len(header)] == header
     assert len(wire) == len(header) + size
-    assert decode_all(impl, wire) == [Publish("PUBLISH", "t", payload, 0, False, False, None)]
+    decoded = decode_all(impl, wire, max_packet_size=codec.MAX_REMAINING_LENGTH)
+    assert decoded == [Publish("PUBLISH", "t", payload, 0, False, False, None)]
 
 
 def test_publish_batch_is_concatenation(impl: Any) -> None:
@@ -373,26 +377,28 @@ def test_malformed_input_raises_protocol_error(impl: Any, data: bytes, match: st
 
 def test_header_errors_raised_before_the_body_arrives(impl: Any) -> None:
     """A bad first byte or length is refused at once, without waiting for the body."""
-    for data in (b"\x00", b"\x36", b"\x30\x80\x80\x80\x80", b"\xd0\x05", b"\x30\x8a\x01"):
+    for data in (b"\x00", b"\x36", b"\x30\x80\x80\x80\x80", b"\xd0\x05", b"\x82\x8a\x01"):
         decoder = impl.Decoder(max_packet_size=100)
         with pytest.raises(ProtocolError):
             decoder.feed(data)
 
 
 def test_max_packet_size_checked_before_buffering(impl: Any) -> None:
-    """A remaining length over max_packet_size is refused from the header alone."""
+    """A remaining length over max_packet_size is refused from the header alone (but a PUBLISH's)."""
     decoder = impl.Decoder(max_packet_size=1000)
     assert decoder.max_packet_size == 1000
     with pytest.raises(ProtocolError, match="remaining length 1001 exceeds max_packet_size 1000"):
-        decoder.feed(b"\x30\xe9\x07")
+        decoder.feed(b"\x82\xe9\x07")
     exact = impl.encode_publish("t", b"x" * (1000 - 3))
     assert impl.Decoder(max_packet_size=1000).feed(exact)[0].payload == b"x" * 997
     with pytest.raises(ProtocolError, match="exceeds max_packet_size 0"):
-        impl.Decoder(max_packet_size=0).feed(b"\x30\x01")
+        impl.Decoder(max_packet_size=0).feed(b"\x82\x01")
     assert impl.Decoder(max_packet_size=0).feed(b"\xc0\x00") == [PINGREQ]
-    # The default admits the largest length the spec can encode.
-    assert impl.Decoder().max_packet_size == 256 * 1024 * 1024
-    assert impl.Decoder().feed(b"\x30\xff\xff\xff\x7f") == []
+    # The default is sized for telemetry; 268435455 admits the largest length the spec can encode.
+    assert impl.Decoder().max_packet_size == 1024 * 1024
+    decoder = impl.Decoder(max_packet_size=codec.MAX_REMAINING_LENGTH)
+    assert decoder.feed(b"\x30\xff\xff\xff\x7f\x00\x01t") == []
+    assert decoder.pending == decoder.partial == 8
 
 
 @pytest.mark.parametrize("value", [-1, 2**32 + 1])
@@ -493,6 +499,13 @@ class Recorder:
 
     def on_packet(self, packet: Any) -> None:
         self._record(packet)
+
+    def on_oversized(self, topic: str, qos: int, retain: bool, dup: bool, packet_id: int, size: int) -> None:
+        self._record(Oversized("OVERSIZED", topic, qos, retain, dup, packet_id or None, size))
+
+    def sink(self, impl: Any) -> Any:
+        """A CallbackSink of `impl` recording into this Recorder."""
+        return impl.CallbackSink(self.on_publish, self.on_packet, self.on_oversized)
 
 
 def _as_event(packet: Any) -> Any:
@@ -624,8 +637,14 @@ def test_python_overrides_of_the_compiled_sink_are_refused() -> None:
     class PlainSubclass(_compiled.CountingSink):
         pass
 
-    with pytest.raises(TypeError, match="PythonSink defines on_publish/on_packet in Python"):
+    class OversizedInPython(_compiled.PacketSink):
+        def on_oversized(self, *fields: Any) -> None:
+            raise AssertionError("never called")
+
+    with pytest.raises(TypeError, match="PythonSink defines on_publish/on_packet/on_oversized in Python"):
         _compiled.Decoder().feed_to(b"\xc0\x00", PythonSink())
+    with pytest.raises(TypeError, match="OversizedInPython defines"):
+        _compiled.Decoder().feed_to(b"\xc0\x00", OversizedInPython())
     sink = PlainSubclass()
     _compiled.Decoder().feed_to(b"\xc0\x00", sink)
     assert sink.packets == 1
@@ -635,10 +654,209 @@ def test_twins_give_identical_error_messages() -> None:
     """Both builds raise the very same message for every malformed input above."""
     if _compiled is None:
         pytest.skip("compiled codec not loaded")
-    for data, _ in MALFORMED:
+    cases = [(data, {}) for data, _ in MALFORMED] + [(data, {"max_packet_size": limit}) for data, limit, _ in OVERSIZED_MALFORMED]
+    for data, kwargs in cases:
         messages = []
         for twin in (_compiled, _codec_py):
             with pytest.raises(ProtocolError) as info:
-                twin.Decoder().feed(data)
+                twin.Decoder(**kwargs).feed(data)
             messages.append(str(info.value))
         assert messages[0] == messages[1], data
+
+
+# -- oversized PUBLISH: skipped, not fatal -------------------------------------
+
+LIMIT = 100  # max_packet_size of these tests
+
+
+def _oversized_stream(impl: Any, qos: int) -> tuple[bytes, list[Any]]:
+    """Normal packets around two PUBLISH over LIMIT (one with a 300-byte topic), and what they decode to."""
+    small = Publish("PUBLISH", "s", b"ok", 0, False, False, None)
+    long_topic = "t/" + "x" * 298
+    pid = 513 if qos else None
+    big = impl.encode_publish("big/one", b"B" * 5000, qos, True, qos > 0, pid)
+    bigger = impl.encode_publish(long_topic, b"C" * 200, qos, False, False, pid)
+    wire = impl.encode_publish("s", b"ok") + big + encode(impl, PINGRESP) + bigger + impl.encode_publish("s", b"ok")
+    expected = [
+        small,
+        Oversized("OVERSIZED", "big/one", qos, True, qos > 0, pid, 5000 + 9 + (2 if qos else 0)),
+        PINGRESP,
+        Oversized("OVERSIZED", long_topic, qos, False, False, pid, 200 + 302 + (2 if qos else 0)),
+        small,
+    ]
+    return wire, expected
+
+
+def encode(impl: Any, packet: Any) -> bytes:
+    """Bytes for any packet through `impl`'s encoders."""
+    return _codec_py.encode_packet(packet, impl)
+
+
+def _splits(data: bytes, how: str) -> list[bytes]:
+    """`data` "whole", byte by "bytes", or cut at 12 random places ("random<seed>")."""
+    if how == "whole":
+        return [data]
+    if how == "bytes":
+        return [data[i : i + 1] for i in range(len(data))]
+    rng = random.Random(how)
+    cuts = sorted(rng.sample(range(1, len(data)), 12))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+SPLITS = ["whole", "bytes"] + [f"random{seed}" for seed in range(6)]
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("how", SPLITS)
+def test_oversized_publish_is_skipped(impl: Any, qos: int, how: str) -> None:
+    """A PUBLISH over max_packet_size becomes an Oversized report; decoding goes on after it."""
+    wire, expected = _oversized_stream(impl, qos)
+    chunks = _splits(wire, how)
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    got = [p for chunk in chunks for p in decoder.feed(chunk)]
+    assert got == expected
+    assert (decoder.pending, decoder.partial) == (0, 0)
+    recorder = Recorder()
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    for chunk in chunks:
+        decoder.feed_to(chunk, recorder.sink(impl))
+    assert recorder.events == [_as_event(p) if p.type != "OVERSIZED" else p for p in expected]
+    counting = impl.CountingSink()
+    impl.Decoder(max_packet_size=LIMIT).feed_to(wire, counting)
+    assert (counting.publishes, counting.oversized, counting.packets) == (2, 2, 1)
+
+
+def test_oversized_without_a_callback_is_skipped_silently(impl: Any) -> None:
+    """CallbackSink's on_oversized is optional; the base sink ignores oversized packets too."""
+    wire, expected = _oversized_stream(impl, 1)
+    recorder = Recorder()
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    decoder.feed_to(wire, impl.CallbackSink(recorder.on_publish, recorder.on_packet))
+    assert recorder.events == [_as_event(p) for p in expected if p.type != "OVERSIZED"]
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    decoder.feed_to(wire, impl.PacketSink())
+    assert decoder.partial == 0
+
+
+def test_oversized_skip_keeps_memory_bounded(impl: Any) -> None:
+    """A 50 MB PUBLISH over the limit, fed in 64 KiB chunks, is discarded as it arrives.
+
+    `partial` counts every byte of it while the decoder keeps none (a
+    tracemalloc peak far below one chunk), and the packet after it decodes.
+    """
+    size = 50_000_000
+    fixed_header = b"\x32" + _varint(size)
+    head = fixed_header + b"\x00\x03a/b\x00\x07"
+    chunk = bytes(64 * 1024)
+    total = len(fixed_header) + size
+    decoder = impl.Decoder()  # the 1 MiB default
+    tracemalloc.start()
+    try:
+        assert decoder.feed(head) == [Oversized("OVERSIZED", "a/b", 1, False, False, 7, size)]
+        received = len(head)
+        while total - received > len(chunk):
+            assert decoder.feed(chunk) == []
+            received += len(chunk)
+            assert decoder.partial == received
+            assert decoder.pending == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000
+    assert decoder.feed(bytes(total - received) + b"\xd0\x00") == [PINGRESP]
+    assert decoder.partial == 0
+
+
+def _varint(value: int) -> bytes:
+    """A remaining length in the §2.2.3 encoding."""
+    return _codec_py._fixed_header(0, value)[1:]
+
+
+def test_oversized_variable_header_up_to_65539_bytes(impl: Any) -> None:
+    """The longest variable header (65535-byte topic, packet id) is buffered across feeds, nothing more."""
+    topic = "t" * 65535
+    wire = impl.encode_publish(topic, b"p" * 100_000, 2, packet_id=9) + b"\xc0\x00"
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    got: list[Any] = []
+    for i in range(0, len(wire), 1000):
+        got += decoder.feed(wire[i : i + 1000])
+        assert decoder.pending <= 4 + 65539
+    assert got == [Oversized("OVERSIZED", topic, 2, False, False, 9, 165_539), PINGREQ]
+
+
+OVERSIZED_MALFORMED = [
+    # (bytes, max_packet_size, message): what makes a normal PUBLISH a ProtocolError does for a skipped one
+    (b"\x30\x80\x01\x00\x00", LIMIT, "PUBLISH topic is empty"),
+    (b"\x30\x80\x01\x00\x03a/+", LIMIT, "PUBLISH topic contains a wildcard"),
+    (b"\x30\x80\x01\x00\x02\xc3\x28", LIMIT, "PUBLISH topic is not valid UTF-8"),
+    (b"\x30\x80\x01\x00\x02a\x00", LIMIT, "PUBLISH topic contains U\\+0000"),
+    (b"\x32\x80\x01\x00\x01t\x00\x00", LIMIT, "PUBLISH packet identifier 0"),
+    (b"\x30\x01\x00", 0, "PUBLISH topic length runs past the end of the packet"),
+    (b"\x30\x05\x00\x09abc", 4, "PUBLISH topic length 9 runs past the end of the packet"),
+    (b"\x32\x04\x00\x01t\x00", 2, "PUBLISH packet identifier runs past the end"),
+    (b"\x36\x80\x01", LIMIT, "PUBLISH with QoS 3"),
+    (b"\x30\x80\x80\x80\x80", LIMIT, "remaining length longer than 4 bytes"),
+    # Only a PUBLISH is skipped: any other packet over the limit is refused.
+    (b"\x82\x80\x01", LIMIT, "remaining length 128 exceeds max_packet_size 100"),
+    (b"\x10\xe5\x00", LIMIT, "remaining length 101 exceeds max_packet_size 100"),
+    (b"\x90\xff\xff\x7f", LIMIT, "remaining length 2097151 exceeds max_packet_size 100"),
+    (b"\xa2\x80\x01", LIMIT, "exceeds max_packet_size"),
+    (b"\x40\x02", 1, "remaining length 2 exceeds max_packet_size 1"),
+]
+
+
+@pytest.mark.parametrize(("data", "limit", "match"), OVERSIZED_MALFORMED, ids=[m[2][:40] for m in OVERSIZED_MALFORMED])
+def test_oversized_malformed_is_protocol_error(impl: Any, data: bytes, limit: int, match: str) -> None:
+    """A bad variable header in a skipped PUBLISH, or a non-PUBLISH over the limit, poisons the decoder."""
+    for how in ("whole", "bytes"):
+        decoder = impl.Decoder(max_packet_size=limit)
+        with pytest.raises(ProtocolError, match=match):
+            for chunk in _splits(data + b"x" * 200, how):
+                decoder.feed(chunk)
+        assert (decoder.pending, decoder.partial) == (0, 0)
+        with pytest.raises(ProtocolError, match=match):
+            decoder.feed(b"\xc0\x00")
+
+
+def test_partial_counts_the_packet_in_progress(impl: Any) -> None:
+    """`partial`: 0 at a boundary, else the bytes of the current packet, buffered or skipped."""
+    normal = impl.encode_publish("n", b"x" * 50)  # 55 bytes
+    big = impl.encode_publish("b/c", b"y" * 500, 1, packet_id=3)  # 3 + 507 bytes
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    assert decoder.partial == 0
+    decoder.feed(normal[:1])
+    assert decoder.partial == 1  # a header byte
+    decoder.feed(normal[1:30])
+    assert decoder.partial == decoder.pending == 30
+    assert len(decoder.feed(normal[30:] + big[:6])) == 1
+    assert decoder.partial == decoder.pending == 6  # header and part of the variable header, kept
+    assert len(decoder.feed(big[6:20])) == 1
+    assert (decoder.partial, decoder.pending) == (20, 0)  # being skipped: counted, not kept
+    decoder.feed(big[20:509])
+    assert decoder.partial == 509
+    assert decoder.feed(big[509:] + b"\xd0") == []
+    assert decoder.partial == decoder.pending == 1
+    assert decoder.feed(b"\x00") == [PINGRESP]
+    assert decoder.partial == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+@pytest.mark.parametrize("raise_at", [2, 4])
+def test_on_oversized_exception_consumes_only_its_packet(impl: Any, chunk: int, raise_at: int) -> None:
+    """on_oversized raising: the error propagates, the packet counts as consumed (its rest still
+    skipped), the bytes after it are kept, and feeding on delivers each packet once."""
+    wire, expected = _oversized_stream(impl, 2)
+    recorder = Recorder(raise_at=raise_at)
+    sink = recorder.sink(impl)
+    decoder = impl.Decoder(max_packet_size=LIMIT)
+    raised = 0
+    for i in range(0, len(wire), chunk):
+        try:
+            decoder.feed_to(wire[i : i + chunk], sink)
+        except KeyError:
+            raised += 1
+            assert recorder.events[-1].type == "OVERSIZED"
+            decoder.feed_to(b"", sink)
+    assert raised == 1
+    assert recorder.events == [_as_event(p) if p.type != "OVERSIZED" else p for p in expected]
+    assert (decoder.pending, decoder.partial) == (0, 0)

@@ -3,6 +3,9 @@
 * decode(encode(p)) == p for every packet type, in both twins, and both twins
   write identical bytes;
 * any chunking of a stream decodes to the same packets (`feed` and `feed_to`);
+* with a small ``max_packet_size``, each PUBLISH over it is reported as
+  `Oversized` and skipped, any other packet over it is a ProtocolError, in
+  any chunking and identically in both twins (``partial`` included);
 * on arbitrary and on mutated bytes the twins give the same outcome: equal
   packets, equal kept tail, or a ProtocolError with the same message;
 * the encoders agree on arbitrary (often invalid) arguments;
@@ -16,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from cascade_fast import _codec_py
@@ -28,6 +31,7 @@ from cascade_fast.packets import (
     PINGRESP,
     Connack,
     Connect,
+    Oversized,
     Puback,
     Pubcomp,
     Publish,
@@ -135,15 +139,57 @@ def encode_packet(impl: Any, p: Any) -> bytes:
 
 
 def outcome(impl: Any, chunks: list[bytes], max_packet_size: int = _codec_py.DEFAULT_MAX_PACKET_SIZE) -> tuple:
-    """What a twin makes of a chunked stream: packets per feed, then the tail or the error."""
+    """What a twin makes of a chunked stream: (packets, partial) per feed, then the tail or the error."""
     decoder = impl.Decoder(max_packet_size)
     got = []
     try:
         for chunk in chunks:
-            got.append(decoder.feed(chunk))
+            got.append((decoder.feed(chunk), decoder.partial))
     except ProtocolError as exc:
         return ("error", got, str(exc))
     return ("ok", got, decoder.pending)
+
+
+def sink_outcome(impl: Any, chunks: list[bytes], max_packet_size: int) -> tuple[list[Any], str | None]:
+    """What a twin's feed_to hands a sink, as packets, until the end or the ProtocolError (its message)."""
+    events: list[Any] = []
+
+    def on_publish(topic: str, payload: bytes, qos: int, retain: bool, dup: bool, pid: int) -> None:
+        events.append(Publish("PUBLISH", topic, payload, qos, retain, dup, pid or None))
+
+    def on_oversized(topic: str, qos: int, retain: bool, dup: bool, pid: int, size: int) -> None:
+        events.append(Oversized("OVERSIZED", topic, qos, retain, dup, pid or None, size))
+
+    sink = impl.CallbackSink(on_publish, events.append, on_oversized)
+    decoder = impl.Decoder(max_packet_size)
+    try:
+        for chunk in chunks:
+            decoder.feed_to(chunk, sink)
+    except ProtocolError as exc:
+        return events, str(exc)
+    return events, None
+
+
+def with_limit(stream_packets: list[Any], limit: int) -> tuple[list[Any], bool]:
+    """What a decoder with max_packet_size `limit` must make of these packets.
+
+    Each PUBLISH over the limit becomes an Oversized report; the first other
+    packet over it stops the stream (True: a ProtocolError).
+    """
+    out: list[Any] = []
+    for p in stream_packets:
+        wire = encode_packet(_codec_py, p)
+        header = 2
+        while wire[header - 1] & 0x80:
+            header += 1
+        rem = len(wire) - header
+        if rem <= limit:
+            out.append(p)
+        elif p.type == "PUBLISH":
+            out.append(Oversized("OVERSIZED", p.topic, p.qos, p.retain, p.dup, p.packet_id, rem))
+        else:
+            return out, True
+    return out, False
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -194,10 +240,11 @@ def test_any_chunking_same_packets(stream_packets: list[Any], cuts: list[int]) -
                 assert event == p
 
 
-@given(st.lists(packets, min_size=1, max_size=6), st.integers(1, 8), st.integers(1, 64))
-@example([PINGREQ, PINGREQ, PINGREQ], 1, 64)  # kept rest held whole packets: crashed the compiled twin
-def test_sink_exception_loses_and_repeats_nothing(stream_packets: list[Any], raise_at: int, chunk: int) -> None:
-    """A sink raising at any delivery: feeding on delivers every packet exactly once."""
+@given(st.lists(packets, min_size=1, max_size=6), st.integers(1, 8), st.integers(1, 64), st.sampled_from([_codec_py.DEFAULT_MAX_PACKET_SIZE, 24]))
+@example([PINGREQ, PINGREQ, PINGREQ], 1, 64, _codec_py.DEFAULT_MAX_PACKET_SIZE)  # kept rest held whole packets: crashed the compiled twin
+def test_sink_exception_loses_and_repeats_nothing(stream_packets: list[Any], raise_at: int, chunk: int, limit: int) -> None:
+    """A sink raising at any delivery (an oversized report too): feeding on delivers every packet exactly once."""
+    assume(not with_limit(stream_packets, limit)[1])
     wire = b"".join(encode_packet(_codec_py, p) for p in stream_packets)
     for impl in TWINS:
         seen: list[Any] = []
@@ -207,15 +254,41 @@ def test_sink_exception_loses_and_repeats_nothing(stream_packets: list[Any], rai
             if len(seen) == raise_at:
                 raise LookupError("sink failed")
 
-        sink = impl.CallbackSink(lambda *fields: record(fields), record)
-        decoder = impl.Decoder()
+        sink = impl.CallbackSink(lambda *fields: record(fields), record, lambda *fields: record(fields))
+        decoder = impl.Decoder(limit)
         for i in range(0, len(wire), chunk):
             try:
                 decoder.feed_to(wire[i : i + chunk], sink)
             except LookupError:
                 decoder.feed_to(b"", sink)
         assert len(seen) == len(stream_packets)
-        assert decoder.pending == 0
+        assert decoder.pending == decoder.partial == 0
+
+
+@settings(max_examples=300)
+@given(st.lists(packets, max_size=8), st.lists(st.integers(0, 4000), max_size=12), st.sampled_from([0, 2, 16, 64, 200]))
+@example([Publish("PUBLISH", "t", b"x" * 200, 1, False, False, 9), PINGREQ], [1, 3, 5], 2)
+@example([Subscribe("SUBSCRIBE", 1, (("a", 0),))], [], 2)
+def test_oversized_publish_skipped_in_any_split(stream_packets: list[Any], cuts: list[int], limit: int) -> None:
+    """A small max_packet_size: each PUBLISH over it is reported and skipped, any other packet over it
+    is a ProtocolError; feed and feed_to of both twins give exactly that, whatever the split."""
+    chunks = split(b"".join(encode_packet(_codec_py, p) for p in stream_packets), cuts)
+    expected, fails = with_limit(stream_packets, limit)
+    results = [outcome(impl, chunks, limit) for impl in TWINS]
+    assert all(r == results[0] for r in results)
+    kind, got, _ = results[0]
+    fed = [p for packets_, _ in got for p in packets_]
+    if fails:
+        assert kind == "error"
+        assert fed == expected[: len(fed)]
+    else:
+        assert results[0] == ("ok", got, 0)
+        assert fed == expected
+        assert not got or got[-1][1] == 0
+    for impl in TWINS:
+        events, error = sink_outcome(impl, chunks, limit)
+        assert events == expected
+        assert (error is not None) == fails
 
 
 # -- the twins agree on hostile bytes ----------------------------------------
@@ -223,7 +296,7 @@ def test_sink_exception_loses_and_repeats_nothing(stream_packets: list[Any], rai
 
 @needs_compiled
 @settings(max_examples=1000)
-@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6), st.sampled_from([256 * 1024 * 1024, 64, 2, 0]))
+@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6), st.sampled_from([256 * 1024 * 1024, 1024 * 1024, 64, 2, 0]))
 @example(b"\x30\xff\xff\xff\x7f", [], 256 * 1024 * 1024)
 @example(b"\x20\x02\x01\x03", [1], 64)
 @example(b"\x30\x04\x00\x02\xc3\x28", [3], 64)
@@ -251,11 +324,12 @@ def mutated_streams(draw: Any) -> bytes:
 
 @needs_compiled
 @settings(max_examples=1000)
-@given(mutated_streams(), st.lists(st.integers(0, 600), max_size=6))
-def test_twins_agree_on_mutated_streams(data: bytes, cuts: list[int]) -> None:
-    """Mutated valid streams: the twins give the same outcome, whatever the chunking."""
+@given(mutated_streams(), st.lists(st.integers(0, 600), max_size=6), st.sampled_from([_codec_py.DEFAULT_MAX_PACKET_SIZE, 40, 8]))
+def test_twins_agree_on_mutated_streams(data: bytes, cuts: list[int], limit: int) -> None:
+    """Mutated valid streams: the twins give the same outcome, whatever the chunking and limit."""
     chunks = split(data, cuts)
-    assert outcome(_compiled, chunks) == outcome(_codec_py, chunks)
+    assert outcome(_compiled, chunks, limit) == outcome(_codec_py, chunks, limit)
+    assert sink_outcome(_compiled, chunks, limit) == sink_outcome(_codec_py, chunks, limit)
 
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> tuple:
