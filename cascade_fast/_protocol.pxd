@@ -33,6 +33,7 @@ cdef class Dispatcher:
         public long long decode_errors   # payloads that were not JSON
         public long long callback_errors # callback calls that raised
         public long long undelivered     # deliveries discarded by disconnect()
+        public long long oversized       # PUBLISH over max_packet_size: acknowledged, skipped, not delivered
         public long long pauses          # times reading was paused
 
     cdef int deliver(self, str topic, bytes payload, list subs) except -1
@@ -123,6 +124,9 @@ cdef class MqttProtocol(PacketSink):
         double last_in               # loop.time() of the last bytes received
         double last_out              # loop.time() of the last bytes written
         double ping_sent             # loop.time() of the unanswered PINGREQ, 0 if none
+        double packet_timeout        # seconds an incomplete packet may take to arrive (0 = no limit)
+        double partial_since         # loop.time() the incomplete packet began (or last progressed), 0 if none
+        long long packets_in         # packets decoded on this connection
         double read_coalesce         # seconds to stop reading after a small read (0 = off)
         Py_ssize_t coalesce_below    # a read shorter than this many bytes is "small"
         object coalesce_handle       # TimerHandle that resumes reading, or None

@@ -837,13 +837,15 @@ cdef class MqttProtocol(PacketSink):
 
     def __init__(self, loop, Session session, Dispatcher dispatcher, TopicTrie trie, bytes connect_packet, *,
                  double keepalive, Py_ssize_t write_batch=65536, max_packet_size=None,
-                 double read_coalesce=0.0, Py_ssize_t coalesce_below=16384, errlog, logger):
+                 double read_coalesce=0.0, Py_ssize_t coalesce_below=16384, double packet_timeout=30.0,
+                 errlog, logger):
         self.loop = loop
         self.session = session
         self.dispatcher = dispatcher
         self.trie = trie
         self.connect_packet = connect_packet
         self.keepalive = keepalive
+        self.packet_timeout = packet_timeout
         self.write_batch = write_batch
         self.read_coalesce = read_coalesce
         self.coalesce_below = coalesce_below
@@ -918,6 +920,7 @@ cdef class MqttProtocol(PacketSink):
         # connector's supervisor reconnects.
         cdef double now = self.loop.time()
         cdef double previous = self.last_in
+        cdef long long packets_before = self.packets_in
         self.last_in = now
         self.session.reads += 1
         try:
@@ -939,6 +942,14 @@ cdef class MqttProtocol(PacketSink):
             self.errlog.log("protocol_error", _ERROR, "unexpected error while reading from the broker, reconnecting: %r", exc, exc_info=exc)
             self._abort(exc)
             return
+        if self.decoder.partial:
+            # An incomplete packet has `packet_timeout` from its first byte (or
+            # from the last completed packet) to arrive: a peer that trickles
+            # one byte at a time cannot keep a half-read packet open for ever.
+            if self.partial_since == 0 or self.packets_in != packets_before:
+                self.partial_since = now
+        else:
+            self.partial_since = 0
         if (self.read_coalesce > 0 and now - previous < self.read_coalesce
                 and len(data) < self.coalesce_below and self.coalesce_handle is None
                 and not self.session.inflight and not self.acks):
@@ -1006,6 +1017,7 @@ cdef class MqttProtocol(PacketSink):
 
     cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1:
         cdef list subs
+        self.packets_in += 1
         if self.state != ST_CONNECTED:
             if self.state == ST_CONNECTING:
                 raise ProtocolError("PUBLISH received before CONNACK (MQTT 3.1.1 §3.2)")
@@ -1026,8 +1038,32 @@ cdef class MqttProtocol(PacketSink):
             self.dispatcher.deliver(topic, payload, subs)
         return 0
 
+    cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1:
+        # A PUBLISH larger than max_packet_size: the decoder discards its
+        # payload as it arrives. Acknowledged like any other (§4.3), so the
+        # broker does not send it again at every reconnect, and counted; the
+        # connection and everything after it are unharmed. A retained one
+        # would otherwise kill every connection right after its SUBACK.
+        self.packets_in += 1
+        if self.state != ST_CONNECTED:
+            if self.state == ST_CONNECTING:
+                raise ProtocolError("PUBLISH received before CONNACK (MQTT 3.1.1 §3.2)")
+            return 0
+        if qos == 1:
+            self._write(_encode_puback(packet_id))
+        elif qos == 2:
+            self._write(_encode_pubrec(packet_id))
+        self.dispatcher.oversized += 1
+        self.errlog.log(
+            "oversized", _WARNING,
+            "PUBLISH on %r of %d bytes is larger than max_packet_size (%d): acknowledged and skipped, not delivered",
+            topic, size, self.decoder.max_packet_size,
+        )
+        return 0
+
     cdef int on_packet(self, object packet) except -1:
         cdef str kind = packet.type
+        self.packets_in += 1
         if kind == "PUBACK":
             self.session._acked(packet.packet_id, ACK_PUBACK)
         elif kind == "PUBREC":
@@ -1181,8 +1217,12 @@ cdef class MqttProtocol(PacketSink):
     # -- keepalive (MQTT 3.1.1 §3.1.2.10, §3.12) --------------------------------
 
     cdef int _schedule_keepalive(self) except -1:
-        if self.keepalive > 0 and self.transport is not None:
-            self.ka_handle = self.loop.call_later(max(self.keepalive / 4.0, 0.05), self._keepalive_tick)
+        # The tick also enforces `packet_timeout`, so it runs without keepalive too.
+        cdef double period = self.keepalive if self.keepalive > 0 else self.packet_timeout
+        if self.packet_timeout > 0 and self.packet_timeout < period:
+            period = self.packet_timeout
+        if period > 0 and self.transport is not None:
+            self.ka_handle = self.loop.call_later(max(period / 4.0, 0.05), self._keepalive_tick)
         return 0
 
     def _keepalive_tick(self):
@@ -1191,6 +1231,21 @@ cdef class MqttProtocol(PacketSink):
         if self.transport is None or self.state >= ST_CLOSING:
             return
         now = self.loop.time()
+        if self.partial_since:
+            if not self.transport.is_reading():
+                self.partial_since = now  # we are not reading: the peer is not the slow one
+            elif self.packet_timeout > 0 and now - self.partial_since >= self.packet_timeout:
+                self.session.protocol_errors += 1
+                self.errlog.log(
+                    "packet_timeout", _WARNING,
+                    "an incomplete packet from the broker (%d bytes so far) did not arrive within %.1f s: reconnecting",
+                    self.decoder.partial, self.packet_timeout,
+                )
+                self._abort(TimeoutError(f"incomplete packet not received within {self.packet_timeout} s"))
+                return
+        if self.keepalive <= 0:
+            self._schedule_keepalive()
+            return
         if not self.transport.is_reading():
             # Reading is paused (a slow consumer's backpressure, a write side
             # the broker does not drain): the PINGRESP cannot arrive, so a

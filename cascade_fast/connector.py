@@ -61,8 +61,23 @@ Implementation-specific options (keyword arguments):
     alone, and nothing is coalesced while acknowledgements are awaited
     (QoS 1/2 publishes in flight, SUBACK/UNSUBACK): they pace the window. uvloop timers have 1 ms resolution: smaller values round
     to 0 or 1 ms there.
-``max_packet_size`` (codec default)
-    Larger packets from the broker are a protocol error (connection closed).
+``max_packet_size`` (1 MiB, the codec's default)
+    The largest packet accepted from the broker, sized for telemetry: an
+    announced 256 MiB packet must not cost 256 MiB. A larger PUBLISH is
+    skipped as it arrives (its payload is never buffered), acknowledged at
+    QoS 1/2 so the broker does not send it again, counted in
+    ``stats()["oversized"]`` and logged; the connection stays up (a retained
+    message too large would otherwise kill every connection right after
+    its SUBACK). Any other packet that large is a protocol error.
+``packet_timeout`` (30 s; 0 turns it off)
+    How long an incomplete packet may take to arrive, from its first byte
+    (or the previous complete packet): a peer trickling bytes cannot keep a
+    connection and a half-read packet open for ever. Time while reading is
+    paused by our own backpressure does not count. Past it the connection
+    is dropped and re-established (counted in ``protocol_errors``).
+``max_queued`` (10,000)
+    Unacknowledged QoS 1/2 publishes kept (in flight plus waiting), also
+    while disconnected; see `Session` in _protocol.pyx for the guarantee.
 """
 
 from __future__ import annotations
@@ -109,6 +124,7 @@ _DEFAULTS: dict[str, Any] = {
     "max_packet_size": None,
     "read_coalesce": 0.001,
     "read_coalesce_below": 16384,
+    "packet_timeout": 30.0,
 }
 
 
@@ -385,6 +401,7 @@ class FastMqttConnector:
             max_packet_size=opts["max_packet_size"],
             read_coalesce=float(opts["read_coalesce"]),
             coalesce_below=int(opts["read_coalesce_below"]),
+            packet_timeout=float(opts["packet_timeout"] or 0),
             errlog=self._errlog,
             logger=logger,
         )
@@ -616,6 +633,7 @@ class FastMqttConnector:
             "pauses": d.pauses,
             "write_paused": int(proto is not None and proto.writing_paused),
             "undelivered": d.undelivered,
+            "oversized": d.oversized,
             "subscriptions": len(self._handles),
         }
 

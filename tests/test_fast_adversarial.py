@@ -646,3 +646,64 @@ async def test_wrong_acknowledgement_of_subscribe_is_a_protocol_error(mode):
         peer.send(_publish("ms/x", b'{"n":1}'))
         await _eventually(lambda: seen == [{"n": 1}], what="delivery once subscribed")
         await conn.disconnect()
+
+
+# -- packets too large, packets too slow ---------------------------------------------------
+
+
+async def test_an_oversized_publish_is_acknowledged_skipped_and_counted_and_the_connection_stays():
+    """A QoS 1 PUBLISH over max_packet_size costs neither memory nor the connection: PUBACKed (the broker must
+    not send it again at every reconnect), counted, not delivered; the next message is delivered."""
+    async with ScriptedPeer() as peer:
+        conn = _connector(peer, keepalive=30, max_packet_size=4096)
+        got: list[object] = []
+        await conn.subscribe("big/#", lambda topic, data: got.append(data))
+        await conn.connect()
+        big = _publish("big/one", b"x" * 100_000, qos=1, packet_id=9)
+        for start in range(0, len(big), 7_000):  # in many reads, as from a socket
+            peer.send(big[start : start + 7_000])
+            await asyncio.sleep(0)
+        peer.send(_publish("big/two", b'{"n":2}', qos=1, packet_id=10))
+        acks = await peer.wait_for(lambda p: p.type == "PUBACK", count=2)
+        assert [a.packet_id for a in acks] == [9, 10]
+        await _eventually(lambda: got == [{"n": 2}], what="the message after the oversized one delivered")
+        stats = conn.stats()
+        assert stats["oversized"] == 1 and stats["reconnects"] == 0 and stats["protocol_errors"] == 0
+        assert peer.connections == 1
+        await conn.disconnect()
+
+
+async def test_an_incomplete_packet_that_trickles_in_is_given_a_deadline():
+    """A peer that announces a packet and then trickles its bytes cannot hold the connection open for ever:
+    past packet_timeout the connection is dropped (counted) and re-established."""
+    async with ScriptedPeer() as peer:
+        conn = _connector(peer, keepalive=60, packet_timeout=0.5)
+        await conn.connect()
+        packet = _publish("slow/t", b"y" * 500)
+        peer.send(packet[:20])
+        for byte in packet[20:40]:  # progress within the packet does not reset its deadline
+            await asyncio.sleep(0.05)
+            if peer.connections > 1:
+                break
+            peer.send(bytes([byte]))
+        await peer.wait_connections(2, timeout=5)
+        assert conn.stats()["protocol_errors"] >= 1
+        await _eventually(lambda: conn.stats()["connected"] == 1, what="reconnected")
+        await conn.disconnect()
+
+
+async def test_a_steady_stream_of_complete_packets_never_hits_the_packet_deadline():
+    """packet_timeout applies to one packet, not to a connection whose reads often end mid-packet."""
+    async with ScriptedPeer() as peer:
+        conn = _connector(peer, keepalive=60, packet_timeout=0.3)
+        got: list[object] = []
+        await conn.subscribe("steady/#", lambda topic, data: got.append(data))
+        await conn.connect()
+        stream = b"".join(_publish("steady/t", b'{"n":%d}' % n) for n in range(40))
+        step = 7  # every read ends inside a packet
+        for start in range(0, len(stream), step):
+            peer.send(stream[start : start + step])
+            await asyncio.sleep(0.02)
+        await _eventually(lambda: len(got) == 40, what="every message delivered")
+        assert peer.connections == 1 and conn.stats()["protocol_errors"] == 0
+        await conn.disconnect()
