@@ -526,31 +526,6 @@ cdef object _decode_other(unsigned char b0, const unsigned char* buf, Py_ssize_t
     return _decode_unsubscribe(buf, pos, end)
 
 
-cdef inline str _publish_head(
-    const unsigned char* buf, Py_ssize_t start, Py_ssize_t end, unsigned char b0, Py_ssize_t* p_out, int* pid_out,
-):
-    """A PUBLISH's topic name and, at QoS 1 and 2, packet identifier (§3.3.2).
-
-    From the body buf[start:end]; sets pid_out (left as is at QoS 0) and
-    p_out, where the payload starts.
-    """
-    cdef Py_ssize_t tlen, p
-    cdef str topic
-    if end - start < 2:
-        raise ProtocolError("PUBLISH topic length runs past the end of the packet")
-    tlen = (buf[start] << 8) | buf[start + 1]
-    p = start + 2
-    if tlen > end - p:
-        raise ProtocolError(f"PUBLISH topic length {tlen} runs past the end of the packet")
-    topic = _make_str(buf + p, tlen, "PUBLISH topic", STR_TOPIC)
-    p += tlen
-    if (b0 >> 1) & 3:
-        pid_out[0] = _read_pid(buf, p, end, "PUBLISH")
-        p += 2
-    p_out[0] = p
-    return topic
-
-
 cdef int _deliver(
     Decoder self, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end, unsigned char b0,
     PacketSink sink, list out,
@@ -560,13 +535,24 @@ cdef int _deliver(
     Sets `self._in_sink` around the sink call so `_parse` can tell the sink's
     exceptions (the packet is consumed) from the decoder's (poison).
     """
-    cdef Py_ssize_t p
+    cdef Py_ssize_t tlen, p
     cdef int qos, pid = 0
     cdef str topic
     cdef bytes payload
     if b0 >> 4 == T_PUBLISH:
-        topic = _publish_head(buf, start, end, b0, &p, &pid)
+        # §3.3.2: topic name, packet identifier (QoS 1, 2), payload to the end.
+        if end - start < 2:
+            raise ProtocolError("PUBLISH topic length runs past the end of the packet")
+        tlen = (buf[start] << 8) | buf[start + 1]
+        p = start + 2
+        if tlen > end - p:
+            raise ProtocolError(f"PUBLISH topic length {tlen} runs past the end of the packet")
+        topic = _make_str(buf + p, tlen, "PUBLISH topic", STR_TOPIC)
+        p += tlen
         qos = (b0 >> 1) & 3
+        if qos:
+            pid = _read_pid(buf, p, end, "PUBLISH")
+            p += 2
         payload = PyBytes_FromStringAndSize(<const char*>buf + p, end - p)
         if sink is not None:
             self._in_sink = True
@@ -586,27 +572,29 @@ cdef int _deliver(
 
 
 cdef Py_ssize_t _skip_publish(
-    Decoder self, const unsigned char* buf, Py_ssize_t pos, Py_ssize_t start, Py_ssize_t head, Py_ssize_t n,
-    unsigned char b0, Py_ssize_t rem, PacketSink sink, list out,
+    Decoder self, const unsigned char* buf, Py_ssize_t pos, Py_ssize_t start, Py_ssize_t n,
+    unsigned char b0, Py_ssize_t rem, PacketSink sink, list out, Py_ssize_t* resume,
 ) except -1:
-    """Report the oversized PUBLISH at buf[pos:], whose variable header is buf[start:head].
+    """Report the oversized PUBLISH at buf[pos:] (body at start), then skip it.
 
-    Then discard what buf[:n] holds of the rest of it; return the position
-    after that. The skip is set up before the sink runs, so a sink that
-    raises leaves the packet consumed (its rest still skipped).
+    `pos` unchanged while its variable header is not all in buf[:n] (kept
+    for the next feed, at most 65,539 bytes); else discard what buf[:n]
+    holds of the rest of it and return the position after that. The skip
+    is set up before the sink runs (`resume` is where the bytes after its
+    variable header start), so a sink that raises leaves the packet
+    consumed, its rest still skipped.
     """
-    cdef Py_ssize_t p
-    cdef int pid = 0
-    cdef int qos = (b0 >> 1) & 3
-    cdef str topic = _publish_head(buf, start, head, b0, &p, &pid)
+    cdef Py_ssize_t head = start + _head_size(buf, start, n, b0, rem)
+    if head > n:
+        return pos
+    cdef _OversizedReport report = _OversizedReport.__new__(_OversizedReport)
+    report.sink = sink
+    report.out = out
+    report.size = rem
     self._skip = start + rem - head
     self._skip_size = start + rem - pos
-    if sink is not None:
-        self._in_sink = True
-        sink.on_oversized(topic, qos, b0 & 1, (b0 >> 3) & 1, pid, rem)
-        self._in_sink = False
-    else:
-        out.append(Oversized("OVERSIZED", topic, qos, b0 & 1 != 0, b0 & 8 != 0, pid if qos else None, rem))
+    resume[0] = head
+    _deliver(self, buf, start, head, b0, report, None)
     return _discard(self, head, n)
 
 
@@ -684,6 +672,24 @@ cdef class CountingSink(PacketSink):
 
     cdef int on_oversized(self, str topic, int qos, bint retain, bint dup, int packet_id, Py_ssize_t size) except -1:
         self.oversized += 1
+        return 0
+
+
+cdef class _OversizedReport(PacketSink):
+    """Turns an oversized PUBLISH's variable header, which `_deliver` decodes
+    (as a PUBLISH with no payload), into its report to the real sink or list.
+
+    So the skip reuses the PUBLISH decoding without adding a test to it.
+    """
+
+    cdef PacketSink sink   # the sink of feed_to, or None for feed
+    cdef list out          # feed's list
+    cdef Py_ssize_t size   # the remaining length announced
+
+    cdef int on_publish(self, str topic, bytes payload, int qos, bint retain, bint dup, int packet_id) except -1:
+        if self.sink is not None:
+            return self.sink.on_oversized(topic, qos, retain, dup, packet_id, self.size)
+        self.out.append(Oversized("OVERSIZED", topic, qos, retain, dup, packet_id if qos else None, self.size))
         return 0
 
 
@@ -849,12 +855,11 @@ cdef class Decoder:
                         if not complete:
                             break
                         # An oversized PUBLISH (_check_length refused any
-                        # other type): report it once its variable header is here.
-                        need = start + _head_size(buf, start, n, b0, rem)
-                        if need > n:
+                        # other type): reported once its variable header is here.
+                        end = _skip_publish(self, buf, pos, start, n, b0, rem, sink, out, &resume)
+                        if end == pos:
                             break
-                        resume = need
-                        pos = _skip_publish(self, buf, pos, start, need, n, b0, rem, sink, out)
+                        pos = end
                         continue
                 end = start + rem
                 if end > n:

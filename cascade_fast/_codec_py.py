@@ -49,7 +49,8 @@ Errors and state (the exact rule, identical in both twins)
       already handed to the sink by ``feed_to``; ``feed`` drops them with the
       list it was building.
     * An exception raised by a sink method propagates unchanged. The packet
-      being delivered counts as consumed; the bytes after it are kept, so
+      being delivered counts as consumed (the rest of an oversized one is
+      still skipped as it arrives); the bytes after it are kept, so
       the next call (``feed_to(b"", sink)`` will do) continues with the next
       packet: no packet is lost and none is delivered twice.
     * A sink must not feed the decoder that is calling it (RuntimeError).

@@ -60,6 +60,8 @@ MAX_SIZES = (pure.DEFAULT_MAX_PACKET_SIZE, 1000, 64, 2, 0)
 
 def _encode(packet: Any) -> bytes | None:
     """Re-encode a decoded packet with the pure encoders (None: not ours to encode)."""
+    if packet.type == "OVERSIZED":
+        return None  # a report of a skipped PUBLISH, not a packet
     if packet.type == "CONNECT" and (packet.protocol_name != "MQTT" or packet.protocol_level != 4):
         return None  # the encoder speaks MQTT 3.1.1 only
     return pure.encode_packet(packet)
@@ -79,7 +81,9 @@ def _outcome(impl: Any, chunks: list[bytes], max_size: int) -> tuple:
 def _events(impl: Any, chunks: list[bytes], max_size: int) -> list[Any]:
     """What feed_to hands a sink, until the end or the first ProtocolError."""
     events: list[Any] = []
-    sink = impl.CallbackSink(lambda *fields: events.append(("PUBLISH", *fields)), events.append)
+    sink = impl.CallbackSink(
+        lambda *fields: events.append(("PUBLISH", *fields)), events.append, lambda *fields: events.append(("OVERSIZED", *fields))
+    )
     decoder = impl.Decoder(max_size)
     try:
         for chunk in chunks:
@@ -92,6 +96,8 @@ def _events(impl: Any, chunks: list[bytes], max_size: int) -> list[Any]:
 def _as_event(packet: Any) -> Any:
     if packet.type == "PUBLISH":
         return ("PUBLISH", packet.topic, packet.payload, packet.qos, packet.retain, packet.dup, packet.packet_id or 0)
+    if packet.type == "OVERSIZED":
+        return ("OVERSIZED", packet.topic, packet.qos, packet.retain, packet.dup, packet.packet_id or 0, packet.size)
     return packet
 
 
