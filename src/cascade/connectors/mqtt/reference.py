@@ -385,6 +385,8 @@ class _Engine:
                 finally:
                     self._connection_lost(client)
                     await self._close(client, graceful=lost is None and not self._aborted)
+                # Before anything the next connection brings, in arrival order.
+                await self._dispatch_received(client)
                 if not first_connect.done():
                     # The first connection broke before it was usable.
                     first_connect.set_exception(lost)
@@ -570,6 +572,18 @@ class _Engine:
             return exc
         return ConnectionError("message iterator ended")  # pragma: no cover - aiomqtt never ends it
 
+    async def _dispatch_received(self, client: aiomqtt.Client) -> None:
+        """Dispatch what the lost connection received but aiomqtt had not handed out yet.
+
+        paho acknowledged these QoS 1 messages on arrival (MQTT 3.1.1
+        §4.3.2), so the broker will not send them again, even to a
+        persistent session: dropped here, they would be lost.
+        """
+        queue = client._queue  # aiomqtt's message queue (its iterator stops at the loss)
+        while not queue.empty():
+            message = queue.get_nowait()
+            await self._dispatch(message.topic.value, message.payload)
+
     def _connection_lost(self, client: aiomqtt.Client) -> None:
         """Forget the connection's state: unwritten QoS 0 publishes are lost (and counted), the queue stays."""
         if self._client is client:
@@ -578,9 +592,6 @@ class _Engine:
             # The queued messages are published again on the next connection.
             self._mids.clear()
         self._acked.clear()
-        queued = len(client.messages)
-        if queued and not self._closing:
-            logger.warning("%d received messages were not dispatched before the connection closed", queued)
         lost = len(self._unwritten)
         if lost:
             # QoS 0 promises at most once (MQTT 3.1.1 §4.3.1): gone with the connection.
