@@ -1,8 +1,8 @@
 """A real Mosquitto for the tests: start on a free loopback port, stop, kill, restart.
 
 Every broker gets its own generated config and temporary directory, listens
-on 127.0.0.1 only, keeps nothing on disk (so a restart forgets retained
-messages and sessions), and sets ``allow_duplicate_messages false`` so a
+on 127.0.0.1 only, keeps nothing on disk unless asked to (so a restart
+forgets retained messages and sessions), and sets ``allow_duplicate_messages false`` so a
 client with overlapping subscriptions gets each message once (MQTT 3.1.1
 §3.3.5; Mosquitto 2.0 defaults to sending duplicates). The system broker on
 port 1883 is never used.
@@ -53,16 +53,23 @@ class Mosquitto:
     ``extra_config`` lines are appended to the generated config (for example
     ``allow_anonymous false`` for a broker that refuses everyone);
     ``acl`` is the text of an ACL file (``acl_file`` is then set).
+    ``persistence=True`` keeps sessions, their queued messages and retained
+    messages in a file in the broker's temporary directory, so they survive
+    a graceful `restart` (SIGTERM: Mosquitto saves on exit; a kill loses
+    what was not saved yet).
     """
 
     host = "127.0.0.1"
 
-    def __init__(self, *, port: int | None = None, extra_config: str = "", acl: str | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, extra_config: str = "", acl: str | None = None, persistence: bool = False
+    ) -> None:
         self._binary = find_mosquitto()
         self._fixed_port = port
         self.port = port or free_port()
         self._extra_config = extra_config
         self._acl = acl
+        self._persistence = persistence
         self._dir = Path(tempfile.mkdtemp(prefix="cascade-mosquitto-"))
         # Started as root, mosquitto drops to the `mosquitto` user before it
         # reads the ACL file: the directory and files must be readable to it.
@@ -86,7 +93,7 @@ class Mosquitto:
         lines = [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            "persistence false",
+            "persistence true" if self._persistence else "persistence false",
             "allow_duplicate_messages false",
             # Log to stderr (captured into a file) so a failing test can show it.
             "log_dest stderr",
@@ -101,6 +108,13 @@ class Mosquitto:
             acl_path.write_text(self._acl)
             acl_path.chmod(0o644)
             lines.append(f"acl_file {acl_path}")
+        if self._persistence:
+            # A directory the `mosquitto` user can write to (see __init__:
+            # started as root, it drops privileges before saving).
+            data = self._dir / "data"
+            data.mkdir(exist_ok=True)
+            data.chmod(0o777)
+            lines += [f"persistence_location {data}/", "persistence_file mosquitto.db"]
         # Later lines win in mosquitto.conf, so extra_config can override.
         lines.extend(line.strip() for line in self._extra_config.splitlines() if line.strip())
         path = self._dir / "mosquitto.conf"
@@ -187,7 +201,7 @@ class Mosquitto:
             self._proc.send_signal(signal.SIGCONT)
 
     def restart(self, *, kill: bool = False) -> None:
-        """Stop (or kill) and start again on the same port; retained state is gone."""
+        """Stop (or kill) and start again on the same port; retained state is gone unless `persistence`."""
         self.kill() if kill else self.stop()
         self._fixed_port = self.port
         self.start()

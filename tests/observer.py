@@ -46,13 +46,18 @@ class Watcher:
     """Subscribes to `filters` on `broker` and records every message, in arrival order.
 
     Use as ``async with Watcher(broker, "a/#") as w:``; the subscriptions
-    are acknowledged (SUBACK) when the block starts.
+    are acknowledged (SUBACK) when the block starts. With
+    ``clean_session=False`` (and a fixed `client_id`) the broker keeps the
+    watcher's session; mosquitto_sub reconnects by itself, so with a
+    persistent broker it sees what was published while the broker was down.
     """
 
-    def __init__(self, broker, *filters: str, qos: int = 1) -> None:
+    def __init__(self, broker, *filters: str, qos: int = 1, client_id: str | None = None, clean_session: bool = True) -> None:
         self._broker = broker
         self._filters = filters
         self._qos = qos
+        self._client_id = client_id or f"watcher-{secrets.token_hex(4)}"
+        self._clean_session = clean_session
         self.messages: list[Received] = []
         self._changed = asyncio.Event()
         self._subscribed = asyncio.Event()
@@ -66,8 +71,10 @@ class Watcher:
             # Line-buffered, or the pipe would hold the lines back.
             _client("stdbuf"), "-oL", _client("mosquitto_sub"),
             "-h", self._broker.host, "-p", str(self._broker.port), "-V", "mqttv311",
-            "-i", f"watcher-{secrets.token_hex(4)}", "-q", str(self._qos), "-d", "-F", _FORMAT,
+            "-i", self._client_id, "-q", str(self._qos), "-d", "-F", _FORMAT,
         ]  # fmt: skip
+        if not self._clean_session:
+            command.append("-c")
         for topic_filter in self._filters:
             command += ["-t", topic_filter]
         self._proc = await asyncio.create_subprocess_exec(

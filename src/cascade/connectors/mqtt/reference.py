@@ -18,8 +18,13 @@ around it; each workaround says why at the place it is made:
 
 - aiomqtt's `publish()` waits for PUBACK (QoS 1) or for the write (QoS 0),
   one round trip per call; publishing is fire-and-forget here, so we call the
-  wrapped paho client's non-blocking `publish()` and track its
-  `MQTTMessageInfo`s for `flush()` (paho's `on_publish` is chained).
+  wrapped paho client's non-blocking `publish()` and learn from paho's
+  chained `on_publish` which publishes were written or acknowledged.
+- paho re-sends unacknowledged QoS 1/2 publishes after a reconnect, but only
+  within one paho client, and a fresh client is made per connection (below).
+  The connector therefore keeps every QoS 1/2 publish itself (topic, payload,
+  QoS, retain) until the broker acknowledges it, and publishes the whole
+  queue again, in order, on each new connection.
 - aiomqtt reports every connect failure as `MqttError(str(exc))` raised
   ``from None``; the original `OSError` is still in ``__context__`` and is
   re-raised so callers can catch `ConnectionError`/`OSError`/`TimeoutError`.
@@ -41,7 +46,7 @@ import secrets
 import ssl
 import warnings
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -84,6 +89,8 @@ _CONNACK_RETURN_CODES = {
 #: ignored with the unknown ones.
 _MANAGED_OPTIONS = frozenset(
     {"hostname", "port", "username", "password", "identifier", "will", "clean_session", "keepalive", "tls_context", "timeout"}
+    # The connector bounds outgoing QoS 1/2 messages itself (max_queued).
+    | {"max_queued_outgoing_messages"}
 )
 #: Everything else aiomqtt.Client accepts is passed through.
 _PASSTHROUGH_OPTIONS = frozenset(inspect.signature(aiomqtt.Client.__init__).parameters) - {"self"} - _MANAGED_OPTIONS
@@ -92,9 +99,12 @@ _PASSTHROUGH_OPTIONS = frozenset(inspect.signature(aiomqtt.Client.__init__).para
 #: process and name, so a fleet of connectors does not repeat it).
 _warned_options: set[str] = set()
 
-#: Publishes not yet written (QoS 0) or acknowledged (QoS 1/2) beyond which
-#: `publish()` waits: backpressure instead of unbounded memory.
-_MAX_UNCONFIRMED = 1000
+#: Unwritten QoS 0 publishes beyond which `publish()` waits: backpressure
+#: instead of unbounded memory.
+_MAX_UNWRITTEN = 1000
+#: Default bound of the QoS 1/2 queue (``max_queued``): unacknowledged
+#: messages, in flight plus waiting (contract).
+DEFAULT_MAX_QUEUED = 10_000
 #: `disconnect()` waits at most this long for pending publishes (contract).
 _DISCONNECT_FLUSH_TIMEOUT = 5.0
 #: `flush(None)` waits at most this long (contract).
@@ -112,6 +122,20 @@ def _mark_retrieved(future: asyncio.Future[Any]) -> None:
 def _suback_code(code: Any) -> int:
     """An int from whatever aiomqtt returned for one filter (a paho ReasonCode or an int)."""
     return int(getattr(code, "value", code))
+
+
+class _Queued:
+    """One QoS 1/2 publish, kept until the broker acknowledges it (whatever connection that takes)."""
+
+    __slots__ = ("topic", "data", "qos", "retain", "sent")
+
+    def __init__(self, topic: str, data: bytes, qos: int, retain: bool) -> None:
+        self.topic = topic
+        self.data = data
+        self.qos = qos
+        self.retain = retain
+        # Handed to some connection already: `published` counts it once.
+        self.sent = False
 
 
 class _Engine:
@@ -137,10 +161,14 @@ class _Engine:
         reconnect_delay: float,
         max_reconnect_delay: float,
         connect_timeout: float,
+        max_queued: int,
         client_options: dict[str, Any],
     ) -> None:
         # Fail at construction, not at the first reconnect, on bad delays.
         Backoff(reconnect_delay, max_reconnect_delay)
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+            raise ValueError(f"max_queued must be a positive int, not {max_queued!r}")
+        self._max_queued = max_queued
         self.hostname = hostname
         self.port = port
         self.client_id = client_id
@@ -172,8 +200,21 @@ class _Engine:
 
         # The client of the current connection, set from CONNACK until loss.
         self._client: aiomqtt.Client | None = None
-        # mid -> paho MQTTMessageInfo of publishes not yet written/acknowledged.
-        self._unconfirmed: dict[int, paho.MQTTMessageInfo] = {}
+        # The same client once it has been handed the queue below (after
+        # CONNACK and re-subscription): new QoS 1/2 publishes go straight to
+        # it; before that they wait in the queue, behind the older ones.
+        self._ready: aiomqtt.Client | None = None
+        # QoS 1/2 publishes not yet acknowledged, in publish order: sequence
+        # number -> message. They outlive connections and are published
+        # again on every new one; the supervisor drops (and counts) what is
+        # left when it ends.
+        self._outbox: dict[int, _Queued] = {}
+        self._next_seq = 0
+        # mid -> sequence number of the queued messages handed to the current connection.
+        self._mids: dict[int, int] = {}
+        # mid -> paho MQTTMessageInfo of QoS 0 publishes not yet written
+        # (lost with their connection, MQTT 3.1.1 §4.3.1).
+        self._unwritten: dict[int, paho.MQTTMessageInfo] = {}
         # Resolved (and replaced) whenever a publish is confirmed or lost.
         self._progress: asyncio.Future[None] | None = None
 
@@ -200,6 +241,7 @@ class _Engine:
         # queue while a coroutine callback runs.
         stats["queue_depth"] = len(client.messages) if client is not None else 0
         stats["connected"] = int(client is not None)
+        stats["queued"] = len(self._outbox)
         return stats
 
     # -------------------------------------------------------------- lifecycle
@@ -247,22 +289,11 @@ class _Engine:
             return
         self._closing = True
         try:
-            if not task.done() and self._client is not None:
-                # A Last Will is not sent on a clean DISCONNECT (MQTT 3.1.1
-                # §3.14.4), so watchers learn of it from this instead.
-                await self._send(self.status_topic, OFFLINE_PAYLOAD, 1, True)
-                try:
-                    await self.flush(_DISCONNECT_FLUSH_TIMEOUT)
-                except TimeoutError:
-                    logger.warning(
-                        "disconnect: %d publishes to %s:%d not confirmed within %.0f s; they are counted as publish_errors",
-                        len(self._unconfirmed),
-                        self.hostname,
-                        self.port,
-                        _DISCONNECT_FLUSH_TIMEOUT,
-                    )
+            if not task.done():
+                await self._drain()
         finally:
-            # The supervisor's cleanup sends DISCONNECT and closes the socket.
+            # The supervisor's cleanup sends DISCONNECT and closes the socket
+            # (and counts what is still queued as dropped).
             if not task.done():
                 task.cancel()
             await asyncio.wait([task])
@@ -271,6 +302,28 @@ class _Engine:
             self._closing = False
             if not task.cancelled() and task.exception() is not None:
                 logger.error("supervisor of %s ended with an error", self.client_id, exc_info=task.exception())
+
+    async def _drain(self) -> None:
+        """disconnect()'s wait (5 s in all): the queue acknowledged, then ``offline`` announced.
+
+        The queue is waited for even while disconnected: a reconnect within
+        the bound still delivers it. ``offline`` goes last, on whatever
+        connection is up by then.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _DISCONNECT_FLUSH_TIMEOUT
+        try:
+            await self.flush(_DISCONNECT_FLUSH_TIMEOUT)
+        except TimeoutError as exc:
+            logger.debug("disconnect from %s:%d: %s", self.hostname, self.port, exc)
+        client = self._client
+        if client is None:
+            return
+        # A Last Will is not sent on a clean DISCONNECT (MQTT 3.1.1 §3.14.4),
+        # so watchers learn of it from this instead.
+        offline = self._send_presence(client, OFFLINE_PAYLOAD)
+        if offline is not None:
+            await self._wait_until(lambda: offline.is_published() or self._client is not client, deadline)
 
     def abort(self) -> None:
         """Stop without DISCONNECT (so the broker sends the Last Will); safe from `__del__`."""
@@ -329,6 +382,8 @@ class _Engine:
                 finally:
                     self._connection_lost(client)
                     await self._close(client, graceful=lost is None and not self._aborted)
+                # Before anything the next connection brings, in arrival order.
+                await self._dispatch_received(client)
                 if not first_connect.done():
                     # The first connection broke before it was usable.
                     first_connect.set_exception(lost)
@@ -341,6 +396,7 @@ class _Engine:
             if not first_connect.done():
                 # disconnect() or abort() while the first attempt was running.
                 first_connect.set_exception(ConnectionError("the connector was closed while connecting"))
+            self._drop_queue()
 
     def _new_client(self) -> aiomqtt.Client:
         """A fresh aiomqtt client with our Last Will, for one connection attempt."""
@@ -369,7 +425,7 @@ class _Engine:
 
         def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
             aiomqtt_on_publish(c, userdata, mid, reason_code, properties)
-            on_confirmed(mid)
+            on_confirmed(client, mid)
 
         inner.on_publish = on_publish
         inner.on_socket_register_write = self._guarded_register_write(client)
@@ -468,7 +524,7 @@ class _Engine:
             raise ConnectionError(f"connection to {self.hostname}:{self.port} lost right after CONNACK")
 
     async def _on_connack(self, client: aiomqtt.Client) -> None:
-        """After every CONNACK: announce presence, re-subscribe every filter, and check both were answered.
+        """After every CONNACK: announce presence, re-subscribe every filter, send the queue, and check the first two were answered.
 
         The broker's PUBACK for the birth message and its SUBACK prove the
         connection works both ways. Without them (within connect_timeout)
@@ -481,7 +537,7 @@ class _Engine:
         self._acked.clear()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
-        birth = await self._send(self.status_topic, ONLINE_PAYLOAD, 1, True)
+        birth = self._send_presence(client, ONLINE_PAYLOAD)
         filters = list(self._filters)
         results = await self._broker_subscribe(client, filters) if filters else {}
         if any(code is None for code in results.values()):
@@ -497,16 +553,12 @@ class _Engine:
                     topic_filter,
                     code,
                 )
-        if birth is None:
+        if birth is None or self._client is not client:
             raise ConnectionError(f"connection to {self.hostname}:{self.port} lost right after CONNACK")
-        while self._unconfirmed.get(birth.mid) is birth:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or self._client is not client:
-                raise ConnectionError(f"no PUBACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s")
-            try:
-                await self._wait_progress(remaining)
-            except asyncio.TimeoutError:
-                pass
+        self._send_queue(client)
+        await self._wait_until(lambda: birth.is_published() or self._client is not client, deadline)
+        if not birth.is_published():
+            raise ConnectionError(f"no PUBACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s")
 
     async def _message_loop(self, client: aiomqtt.Client) -> BaseException:
         """Dispatch messages in arrival order until the connection is lost; returns why."""
@@ -517,28 +569,57 @@ class _Engine:
             return exc
         return ConnectionError("message iterator ended")  # pragma: no cover - aiomqtt never ends it
 
+    async def _dispatch_received(self, client: aiomqtt.Client) -> None:
+        """Dispatch what the lost connection received but aiomqtt had not handed out yet.
+
+        paho acknowledged these QoS 1 messages on arrival (MQTT 3.1.1
+        §4.3.2), so the broker will not send them again, even to a
+        persistent session: dropped here, they would be lost.
+        """
+        queue = client._queue  # aiomqtt's message queue (its iterator stops at the loss)
+        while not queue.empty():
+            message = queue.get_nowait()
+            await self._dispatch(message.topic.value, message.payload)
+
     def _connection_lost(self, client: aiomqtt.Client) -> None:
-        """Forget the connection's state; unconfirmed publishes are lost with it (and counted)."""
+        """Forget the connection's state: unwritten QoS 0 publishes are lost (and counted), the queue stays."""
         if self._client is client:
             self._client = None
+            self._ready = None
+            # The queued messages are published again on the next connection.
+            self._mids.clear()
         self._acked.clear()
-        queued = len(client.messages)
-        if queued and not self._closing:
-            logger.warning("%d received messages were not dispatched before the connection closed", queued)
-        lost = len(self._unconfirmed)
+        lost = len(self._unwritten)
         if lost:
-            # A fresh client is made per connection, so paho will not
-            # retransmit these (QoS 0 ones are gone anyway, MQTT 3.1.1 §4.3.1).
+            # QoS 0 promises at most once (MQTT 3.1.1 §4.3.1): gone with the connection.
             self._counters["publish_errors"] += lost
             self._log.log(
                 "publish-lost",
                 logging.WARNING,
-                "%d publishes were not confirmed before the connection to %s:%d closed",
+                "%d QoS 0 publishes were not written before the connection to %s:%d closed",
                 lost,
                 self.hostname,
                 self.port,
             )
-            self._unconfirmed.clear()
+            self._unwritten.clear()
+        if self._outbox and not self._closing:
+            logger.info("%d unacknowledged QoS 1/2 publishes are kept for the next connection", len(self._outbox))
+        self._wake()
+
+    def _drop_queue(self) -> None:
+        """The supervisor ends: whatever is still queued will never be sent; count and log it."""
+        left = len(self._outbox)
+        self._outbox.clear()
+        self._mids.clear()
+        self._ready = None
+        if left:
+            self._counters["dropped"] += left
+            logger.warning(
+                "%d QoS 1/2 publishes to %s:%d were not acknowledged before the connector closed; counted as dropped",
+                left,
+                self.hostname,
+                self.port,
+            )
         self._wake()
 
     async def _close(self, client: aiomqtt.Client, *, graceful: bool) -> None:
@@ -627,31 +708,89 @@ class _Engine:
         qos = validate_qos(qos)
         data = encode_payload(payload)
         validate_payload_size(topic, len(data), qos)
-        await self._send(topic, data, qos, bool(retain))
+        if qos:
+            await self._enqueue(_Queued(topic, data, qos, bool(retain)))
+        else:
+            await self._send_qos0(topic, data, bool(retain))
 
-    async def _send(self, topic: str, data: bytes, qos: int, retain: bool) -> paho.MQTTMessageInfo | None:
-        """Hand one PUBLISH to paho without waiting for it: counts, never raises for network state.
+    def _accepting(self) -> bool:
+        """Whether a QoS 1/2 publish is queued: the connector runs (connected or reconnecting) and is not closing."""
+        if self._closing:
+            return self._client is not None
+        return self.running
 
-        Returns paho's message info, or None when the publish was dropped or failed.
+    async def _enqueue(self, message: _Queued) -> None:
+        """Queue one QoS 1/2 publish, and send it at once when the connection is ready.
+
+        While connected and the queue is full, waits for acknowledgements
+        (backpressure); while disconnected and full, drops it (counted).
         """
-        while len(self._unconfirmed) >= _MAX_UNCONFIRMED and self._client is not None:
-            # Backpressure: wait for the broker instead of queueing without bound.
+        while len(self._outbox) >= self._max_queued and self._client is not None:
+            await self._wait_progress(None)
+        if not self._accepting():
+            self._drop(message.topic, "not connected to %s:%d")
+            return
+        if len(self._outbox) >= self._max_queued:
+            self._drop(message.topic, f"{self._max_queued} QoS 1/2 publishes queued while disconnected from %s:%d")
+            return
+        seq = self._next_seq
+        self._next_seq = seq + 1
+        self._outbox[seq] = message
+        client = self._ready
+        if client is not None:
+            self._hand_over(client, seq, message)
+
+    def _drop(self, topic: str, why: str) -> None:
+        """Count and log (rate-limited) a publish that is not sent; `why` has %s:%d for the broker."""
+        self._counters["dropped"] += 1
+        self._log.log(
+            "publish-dropped",
+            logging.WARNING,
+            f"{why}: publish to %r dropped",
+            self.hostname,
+            self.port,
+            topic,
+        )
+
+    def _send_queue(self, client: aiomqtt.Client) -> None:
+        """Publish the whole queue on a new connection, in order, before any newer publish.
+
+        With clean_session False this is the re-send MQTT 3.1.1 §4.4 asks
+        for (under new packet ids: the paho client that knew the old ones is
+        gone); with clean_session True, the broker dropped them with the
+        session. Either way a message the broker did receive may arrive
+        twice: at least once.
+        """
+        for seq, message in list(self._outbox.items()):
+            self._hand_over(client, seq, message)
+        self._ready = client
+
+    def _hand_over(self, client: aiomqtt.Client, seq: int, message: _Queued) -> None:
+        """Give one queued message to paho, which sends it (within its in-flight window) and keeps order."""
+        # paho's publish only queues the packet (the loop writes it), so this
+        # does not block; aiomqtt's publish() would wait for the PUBACK.
+        info = client._client.publish(message.topic, message.data, message.qos, message.retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            # Not taken (paho's own queue limit): it waits for the next connection.
+            self._log.log("publish-error", logging.WARNING, "publish to %r not queued by paho: %s", message.topic, paho.error_string(info.rc))
+            return
+        # NO_CONN: the connection is going; the supervisor will notice and
+        # the message is sent again on the next one.
+        self._mids[info.mid] = seq
+        if not message.sent:
+            message.sent = True
+            self._counters["published"] += 1
+
+    async def _send_qos0(self, topic: str, data: bytes, retain: bool) -> None:
+        """Hand one QoS 0 PUBLISH to paho without waiting for it: counts, never raises for network state."""
+        while len(self._unwritten) >= _MAX_UNWRITTEN and self._client is not None:
+            # Backpressure: wait for the socket instead of buffering without bound.
             await self._wait_progress(None)
         client = self._client
         if client is None:
-            self._counters["dropped"] += 1
-            self._log.log(
-                "publish-dropped",
-                logging.WARNING,
-                "not connected to %s:%d: publish to %r dropped",
-                self.hostname,
-                self.port,
-                topic,
-            )
-            return None
-        # paho's publish only queues the packet (the loop writes it), so this
-        # does not block; aiomqtt's publish() would wait for the PUBACK.
-        info = client._client.publish(topic, data, qos, retain)
+            self._drop(topic, "not connected to %s:%d")
+            return
+        info = client._client.publish(topic, data, 0, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             self._counters["publish_errors"] += 1
             self._log.log(
@@ -661,16 +800,27 @@ class _Engine:
                 topic,
                 paho.error_string(info.rc),
             )
-            return None
+            return
         self._counters["published"] += 1
         if not info.is_published():
-            self._unconfirmed[info.mid] = info
-        return info
+            self._unwritten[info.mid] = info
 
-    def _on_publish_confirmed(self, mid: int) -> None:
+    def _send_presence(self, client: aiomqtt.Client, payload: bytes) -> paho.MQTTMessageInfo | None:
+        """Publish presence (QoS 1, retained) on `client`; not queued and not counted: it belongs to one connection."""
+        info = client._client.publish(self.status_topic, payload, 1, True)
+        return info if info.rc == paho.MQTT_ERR_SUCCESS else None
+
+    def _on_publish_confirmed(self, client: aiomqtt.Client, mid: int) -> None:
         """paho's on_publish: written (QoS 0), PUBACK (QoS 1) or PUBCOMP (QoS 2) arrived."""
-        if self._unconfirmed.pop(mid, None) is not None:
-            self._wake()
+        if client is not self._client:
+            return  # a closed connection's late callback; its mids mean nothing now
+        seq = self._mids.pop(mid, None)
+        if seq is not None:
+            self._outbox.pop(seq, None)
+        else:
+            self._unwritten.pop(mid, None)
+        # Also for presence messages, whose waiters check their MQTTMessageInfo.
+        self._wake()
 
     def _wake(self) -> None:
         progress = self._progress
@@ -686,24 +836,47 @@ class _Engine:
         # Shielded: one waiter timing out must not cancel the shared future.
         await asyncio.wait_for(asyncio.shield(self._progress), timeout)
 
-    async def flush(self, timeout: float | None) -> None:
+    async def _wait_until(self, done: Callable[[], bool], deadline: float) -> bool:
+        """Wait until `done()` holds, checked at every publish progress; False once the loop time passes `deadline`."""
         loop = asyncio.get_running_loop()
-        limit = _DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout
-        deadline = loop.time() + limit
-        pending = list(self._unconfirmed.items())
-        while True:
-            # Confirmed publishes leave `_unconfirmed`, and so do the ones lost
-            # with a connection (counted as publish_errors): neither is waited for.
-            pending = [(mid, info) for mid, info in pending if self._unconfirmed.get(mid) is info]
-            if not pending:
-                return
+        while not done():
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise TimeoutError(f"flush: {len(pending)} publishes not confirmed within {limit:g} s")
+                return False
             try:
                 await self._wait_progress(remaining)
             except asyncio.TimeoutError:
                 pass
+        return True
+
+    def _unacknowledged(self, before: int) -> int:
+        """Queued messages older than sequence number `before` (the queue is in sequence order)."""
+        count = 0
+        for seq in self._outbox:
+            if seq >= before:
+                break
+            count += 1
+        return count
+
+    async def flush(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        limit = _DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout
+        deadline = loop.time() + limit
+        # Everything published so far: QoS 1/2 below this sequence number,
+        # and the QoS 0 publishes not yet written (those lost with their
+        # connection, counted as publish_errors, are not waited for).
+        before = self._next_seq
+        unwritten = list(self._unwritten.items())
+
+        def done() -> bool:
+            nonlocal unwritten
+            unwritten = [(mid, info) for mid, info in unwritten if self._unwritten.get(mid) is info]
+            # The oldest queued message is the first key.
+            return not unwritten and next(iter(self._outbox), before) >= before
+
+        if not await self._wait_until(done, deadline):
+            pending = self._unacknowledged(before) + len(unwritten)
+            raise TimeoutError(f"flush: {pending} publishes not acknowledged within {limit:g} s")
 
     # ---------------------------------------------------------- subscriptions
 
@@ -824,6 +997,32 @@ class PyMqttConnector:
     ``**kwargs`` are passed through to `aiomqtt.Client` (for example
     ``max_queued_incoming_messages``); an option aiomqtt does not know, or one
     the connector manages itself, is logged once at WARNING and ignored.
+
+    Delivery of publishes across disconnects (the same in both connectors):
+
+    - QoS 1/2 is at least once across reconnects. A publish the broker has
+      not acknowledged (in flight when the connection drops, or made while
+      the connector runs but is reconnecting) is kept in a queue and
+      published again after the reconnect, before any newer publish and in
+      the original order; one the broker did receive may arrive twice. This
+      holds with clean_session True and False (with False, MQTT 3.1.1 §4.4:
+      unacknowledged messages are sent again; here under new packet ids,
+      and a QoS 2 message cut after PUBREC is published again rather than
+      released, so it too is at least once, not exactly once).
+    - ``max_queued`` (default 10,000) bounds that queue: unacknowledged
+      QoS 1/2 messages, in flight plus waiting. When it is full, publish()
+      waits for acknowledgements while connected; while disconnected the
+      publish is dropped, counted in ``stats()["dropped"]`` and logged
+      (rate-limited). ``stats()["queued"]`` is the queue's length.
+    - QoS 0 is at most once: dropped (counted) while disconnected, counted
+      as ``publish_errors`` if its connection closes before it is written.
+    - publish() before the first connect() or after disconnect() is dropped
+      and counted, whatever the QoS.
+    - flush() returns only once every QoS 1/2 publish made before it was
+      acknowledged by the broker; otherwise it raises TimeoutError saying
+      how many are not.
+    - disconnect() waits up to 5 s for the queue (a reconnect within that
+      time still delivers it), then counts what is left in ``dropped``.
     """
 
     def __init__(
@@ -841,6 +1040,7 @@ class PyMqttConnector:
         reconnect_delay: float = 0.1,
         max_reconnect_delay: float = 30.0,
         connect_timeout: float = 10.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
         **kwargs: Any,
     ) -> None:
         source_id = source_id or default_source_id()
@@ -872,6 +1072,7 @@ class PyMqttConnector:
             reconnect_delay=reconnect_delay,
             max_reconnect_delay=max_reconnect_delay,
             connect_timeout=connect_timeout,
+            max_queued=max_queued,
             client_options=options,
         )
         # Handles reach the connector through a weak proxy, so the handles the
@@ -911,7 +1112,10 @@ class PyMqttConnector:
         await self._engine.connect()
 
     async def disconnect(self) -> None:
-        """Announce ``offline``, wait (5 s at most) for pending publishes, DISCONNECT; idempotent."""
+        """Wait (5 s at most) for pending publishes, announce ``offline``, DISCONNECT; idempotent.
+
+        QoS 1/2 publishes still unacknowledged then are counted as ``dropped`` (and logged).
+        """
         await self._engine.disconnect()
 
     async def publish(self, topic: str, payload: Payload = None, qos: int = 0, retain: bool = False) -> None:
@@ -920,18 +1124,22 @@ class PyMqttConnector:
         dict/list go as JSON, bytes-like and str as they are, None or empty
         as an empty payload (which clears a retained message). An invalid
         topic or QoS is a `ValueError`, an unsupported payload a `TypeError`;
-        network trouble is never raised: it is counted (``dropped`` when not
-        connected, ``publish_errors`` when sending fails) and logged. It
-        waits only for backpressure: while 1000 publishes are unconfirmed.
+        network trouble is never raised: QoS 1/2 is queued while reconnecting
+        (see the class docstring), the rest is counted (``dropped`` when not
+        connected or the queue is full, ``publish_errors`` when sending
+        fails) and logged. It waits only for backpressure: while
+        ``max_queued`` QoS 1/2 publishes, or 1000 QoS 0 ones, are pending on
+        a live connection.
         """
         await self._engine.publish(topic, payload, qos, retain)
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until every publish so far is written (QoS 0) or acknowledged (QoS 1/2).
+        """Wait until every publish so far is acknowledged (QoS 1/2) or written (QoS 0).
 
-        Publishes lost with a connection are not waited for (they are counted
-        as ``publish_errors``). Raises `TimeoutError` after `timeout` seconds
-        (None: 30 s).
+        QoS 1/2 publishes are waited for across reconnects; QoS 0 ones lost
+        with a connection are not (they are counted as ``publish_errors``).
+        Raises `TimeoutError` ("flush: N publishes not acknowledged within
+        T s") after `timeout` seconds (None: 30 s).
         """
         await self._engine.flush(timeout)
 
@@ -952,7 +1160,7 @@ class PyMqttConnector:
         await self._engine.remove_subscription(handle)
 
     def stats(self) -> dict[str, int]:
-        """Counters (`_common.STAT_KEYS`) plus ``queue_depth`` and ``connected`` (0/1)."""
+        """Counters (`_common.STAT_KEYS`) plus ``queue_depth``, ``connected`` (0/1) and ``queued`` (unacknowledged QoS 1/2)."""
         return self._engine.stats()
 
     async def __aenter__(self) -> PyMqttConnector:
