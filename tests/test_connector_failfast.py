@@ -331,3 +331,37 @@ def test_sys_exit_in_a_callback_ends_the_process(connector_impl, broker, loop_na
     except subprocess.TimeoutExpired:
         pytest.fail("the process did not exit: SystemExit was swallowed")
     assert result.returncode == 3, result.stderr[-2000:]
+
+
+class MisackingPeer(ScriptedPeer):
+    """Answers SUBSCRIBE wrongly while `mode` says so: with an UNSUBACK, or a SUBACK with an extra return code."""
+
+    mode = "unsuback"
+
+    def _answer(self, packet: Any) -> bytes | None:
+        if packet.type == "SUBSCRIBE" and self.mode == "unsuback":
+            return wire.encode_unsuback(packet.packet_id)
+        if packet.type == "SUBSCRIBE" and self.mode == "extra-code":
+            return wire.encode_suback(packet.packet_id, [qos for _, qos in packet.topics] + [0])
+        return super()._answer(packet)
+
+
+@guarded
+@pytest.mark.parametrize("mode", ["unsuback", "extra-code"])
+async def test_wrong_acknowledgement_of_subscribe_is_a_protocol_error(connector_factory, mode):
+    """An UNSUBACK answering a SUBSCRIBE, or a SUBACK whose return codes do not match its filters (§3.9.3): protocol error, reconnect; once answered right, delivery works."""
+    async with MisackingPeer() as peer:
+        connector = connector_factory(peer, keepalive=30)
+        await connector.connect()
+        seen: list[Any] = []
+        # Lost before a valid SUBACK: the filter stays registered either way.
+        await asyncio.wait_for(connector.subscribe("ms/#", lambda t, d: seen.append(d)), 10)
+        await eventually(lambda: connector.stats()["protocol_errors"] >= 1)
+        peer.mode = "right"
+        await eventually(
+            lambda: connector.stats()["connected"] == 1 and connector.stats()["protocol_errors"] == peer.connections - 1
+        )
+        await peer.wait_for(lambda p: p.type == "SUBSCRIBE", count=peer.connections)
+        await asyncio.sleep(0.1)  # the SUBACK of the clean connection
+        peer.send(wire.encode_publish("ms/x", b'{"n":1}', 0, False, False, None))
+        await eventually(lambda: seen == [{"n": 1}])
