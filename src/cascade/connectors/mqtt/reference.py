@@ -25,6 +25,12 @@ around it; each workaround says why at the place it is made:
   re-raised so callers can catch `ConnectionError`/`OSError`/`TimeoutError`.
 - aiomqtt registers the socket writer from a deferred callback, which fails
   with EBADF when the connection dropped meanwhile; ours checks first.
+- paho parses leniently (it delivers a PUBLISH with U+0000 in its topic,
+  accepts a second CONNACK, retries a refused CONNACK with MQTT 3.1) and
+  aiomqtt ignores a disconnection before CONNACK (connect() then waits for
+  the whole timeout): `_paho_guard.PacketGuard` runs every packet through
+  the project's decoder before paho handles it, and paho's on_disconnect is
+  chained to fail the CONNACK wait at once (`_watch_handshake`).
 - A CONNACK that never comes leaves aiomqtt's socket open, and a client whose
   connection was lost keeps a `_connected` future that is already done (so
   re-entering it would not wait for the next CONNACK); a fresh
