@@ -29,6 +29,7 @@ import pytest
 from cascade_fast import _codec_py as wire
 from cascade_fast._errors import ConnectRefusedError
 from observer import eventually
+from test_fast_adversarial import _MisackingPeer as MisackingPeer
 from test_fast_protocol import ScriptedPeer
 
 pytestmark = [pytest.mark.broker, pytest.mark.fault]
@@ -333,24 +334,11 @@ def test_sys_exit_in_a_callback_ends_the_process(connector_impl, broker, loop_na
     assert result.returncode == 3, result.stderr[-2000:]
 
 
-class MisackingPeer(ScriptedPeer):
-    """Answers SUBSCRIBE wrongly while `mode` says so: with an UNSUBACK, or a SUBACK with an extra return code."""
-
-    mode = "unsuback"
-
-    def _answer(self, packet: Any) -> bytes | None:
-        if packet.type == "SUBSCRIBE" and self.mode == "unsuback":
-            return wire.encode_unsuback(packet.packet_id)
-        if packet.type == "SUBSCRIBE" and self.mode == "extra-code":
-            return wire.encode_suback(packet.packet_id, [qos for _, qos in packet.topics] + [0])
-        return super()._answer(packet)
-
-
 @guarded
 @pytest.mark.parametrize("mode", ["unsuback", "extra-code"])
 async def test_wrong_acknowledgement_of_subscribe_is_a_protocol_error(connector_factory, mode):
     """An UNSUBACK answering a SUBSCRIBE, or a SUBACK whose return codes do not match its filters (§3.9.3): protocol error, reconnect; once answered right, delivery works."""
-    async with MisackingPeer() as peer:
+    async with MisackingPeer() as peer:  # the fast connector's adversarial peer
         connector = connector_factory(peer, keepalive=30)
         await connector.connect()
         seen: list[Any] = []
