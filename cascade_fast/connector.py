@@ -99,6 +99,7 @@ from cascade.connectors.mqtt._common import (
     SubscriptionHandle,
     default_source_id,
     encode_payload,
+    log_closed_early,
     logger,
     status_topic,
 )
@@ -439,19 +440,8 @@ class FastMqttConnector:
         self._protocol = None
         uptime = self._backoff.uptime()
         if not closed_by_us and uptime is not None and uptime < self._backoff.stable_after:
-            # MQTT 3.1.1 §3.1.4: a broker closes an existing connection when
-            # another client connects with the same client id. Reconnecting at
-            # once would take it back, and the two would take turns for ever.
             self._closed_early += 1
-            self._errlog.log(
-                "closed_early",
-                logging.WARNING,
-                "the broker closed the connection %.1f s after accepting it (%s): another client with client id %r "
-                "may have taken the session over; reconnecting with backoff",
-                uptime,
-                reason or "closed",
-                self._client_id,
-            )
+            log_closed_early(self._errlog, uptime, reason, self._client_id)
             return
         self._errlog.log(
             "connection_lost", logging.WARNING, "connection to the MQTT broker lost (%s); reconnecting", reason or "closed"

@@ -172,6 +172,24 @@ class Backoff:
         self._up_since = None
 
 
+def log_closed_early(log: RateLimitedLog, uptime: float, reason: object, client_id: str) -> None:
+    """Say why a connection the broker closed soon after accepting it is not retried at once.
+
+    MQTT 3.1.1 §3.1.4: a broker closes an existing connection when another
+    client connects with the same client id. Reconnecting at once would take
+    the session back, and the two would take turns for ever.
+    """
+    log.log(
+        "closed_early",
+        logging.WARNING,
+        "the broker closed the connection %.1f s after accepting it (%s): another client with client id %r "
+        "may have taken the session over; reconnecting with backoff",
+        uptime,
+        reason or "closed",
+        client_id,
+    )
+
+
 class SubscriptionHandle:
     """What `subscribe` returns; `await handle.unsubscribe()` ends delivery.
 

@@ -30,6 +30,12 @@ around it; each workaround says why at the place it is made:
   re-raised so callers can catch `ConnectionError`/`OSError`/`TimeoutError`.
 - aiomqtt registers the socket writer from a deferred callback, which fails
   with EBADF when the connection dropped meanwhile; ours checks first.
+- paho parses leniently (it delivers a PUBLISH with U+0000 in its topic,
+  accepts a second CONNACK, retries a refused CONNACK with MQTT 3.1) and
+  aiomqtt ignores a disconnection before CONNACK (connect() then waits for
+  the whole timeout): `_paho_guard.PacketGuard` runs every packet through
+  the project's decoder before paho handles it, and paho's on_disconnect is
+  chained to fail the CONNACK wait at once (`_watch_handshake`).
 - A CONNACK that never comes leaves aiomqtt's socket open, and a client whose
   connection was lost keeps a `_connected` future that is already done (so
   re-entering it would not wait for the next CONNACK); a fresh
@@ -52,7 +58,8 @@ import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError, MqttError
 
-from cascade_fast._errors import ConnectRefusedError, SubscribeRefusedError
+from cascade_fast import codec
+from cascade_fast._errors import ConnectRefusedError, ProtocolError, SubscribeRefusedError
 from cascade_fast._topics_py import TopicTrie, validate_filter, validate_payload_size, validate_qos, validate_topic
 
 from ._common import (
@@ -67,9 +74,11 @@ from ._common import (
     decode_payload,
     default_source_id,
     encode_payload,
+    log_closed_early,
     logger,
     status_topic,
 )
+from ._paho_guard import PacketGuard
 
 __all__ = ["PyMqttConnector"]
 
@@ -88,9 +97,22 @@ _CONNACK_RETURN_CODES = {
 #: ``**kwargs`` would silently change presence or identity, so they are
 #: ignored with the unknown ones.
 _MANAGED_OPTIONS = frozenset(
-    {"hostname", "port", "username", "password", "identifier", "will", "clean_session", "keepalive", "tls_context", "timeout"}
-    # The connector bounds outgoing QoS 1/2 messages itself (max_queued).
-    | {"max_queued_outgoing_messages"}
+    {
+        "hostname",
+        "port",
+        "username",
+        "password",
+        "identifier",
+        "will",
+        "clean_session",
+        "keepalive",
+        "tls_context",
+        "timeout",
+        # MQTT 3.1.1 only: the packet validation (_paho_guard) is 3.1.1's.
+        "protocol",
+        # The connector bounds outgoing QoS 1/2 messages itself (max_queued).
+        "max_queued_outgoing_messages",
+    }
 )
 #: Everything else aiomqtt.Client accepts is passed through.
 _PASSTHROUGH_OPTIONS = frozenset(inspect.signature(aiomqtt.Client.__init__).parameters) - {"self"} - _MANAGED_OPTIONS
@@ -113,10 +135,21 @@ _DEFAULT_FLUSH_TIMEOUT = 30.0
 _SUBACK_FAILURE = 0x80
 
 
+class _ConnackTimeout(TimeoutError):
+    """paho closed the connection for keepalive before CONNACK (raised to callers as TimeoutError)."""
+
+
 def _mark_retrieved(future: asyncio.Future[Any]) -> None:
     """Done callback: read the outcome, so an unread exception is never logged."""
     if not future.cancelled():
         future.exception()
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task was asked to stop (Python < 3.11 cannot tell: assume so)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
 
 
 def _suback_code(code: Any) -> int:
@@ -162,6 +195,7 @@ class _Engine:
         max_reconnect_delay: float,
         connect_timeout: float,
         max_queued: int,
+        max_packet_size: int | None,
         client_options: dict[str, Any],
     ) -> None:
         # Fail at construction, not at the first reconnect, on bad delays.
@@ -182,9 +216,16 @@ class _Engine:
         self._reconnect_delay = reconnect_delay
         self._max_reconnect_delay = max_reconnect_delay
         self._connect_timeout = connect_timeout
+        self._max_packet_size = codec.DEFAULT_MAX_PACKET_SIZE if max_packet_size is None else max_packet_size
+        # Fail at construction on a bad limit, as for the delays.
+        codec.Decoder(self._max_packet_size)
         self._client_options = client_options
 
         self._counters: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        # Connections closed for a packet MQTT 3.1.1 says must be rejected.
+        self._counters["protocol_errors"] = 0
+        # Connections the broker closed soon after CONNACK (a takeover?).
+        self._counters["closed_early"] = 0
         self._log = RateLimitedLog(logger)
 
         # Local subscriptions: the trie maps each filter to its handles (in
@@ -222,6 +263,10 @@ class _Engine:
         self._first_connect: asyncio.Future[None] | None = None
         self._closing = False
         self._aborted = False
+        # disconnect() was awaited by a callback (inside the supervisor task,
+        # which cannot wait for itself): the supervisor ends once the
+        # callback returns, without dispatching or reconnecting.
+        self._stopped_by_callback = False
 
     # ------------------------------------------------------------------ state
 
@@ -242,6 +287,7 @@ class _Engine:
         stats["queue_depth"] = len(client.messages) if client is not None else 0
         stats["connected"] = int(client is not None)
         stats["queued"] = len(self._outbox)
+        stats["subscriptions"] = sum(len(handles) for handles in self._filters.values())
         return stats
 
     # -------------------------------------------------------------- lifecycle
@@ -255,6 +301,8 @@ class _Engine:
                 await asyncio.shield(self._first_connect)
                 return
             # A disconnect() is in progress: let it finish, then start anew.
+            if task is asyncio.current_task():
+                raise RuntimeError("connect() from the callback that called disconnect(): call it after the callback returns")
             await asyncio.wait([task])
         loop = asyncio.get_running_loop()
         first = loop.create_future()
@@ -282,6 +330,10 @@ class _Engine:
     async def disconnect(self) -> None:
         task = self._supervisor
         if task is None:
+            return
+        if task is asyncio.current_task():
+            # Awaited by a callback, which runs in the supervisor task.
+            await self._disconnect_from_callback()
             return
         if self._closing:
             # Another disconnect() is doing the work; wait for it.
@@ -325,6 +377,26 @@ class _Engine:
         if offline is not None:
             await self._wait_until(lambda: offline.is_published() or self._client is not client, deadline)
 
+    async def _disconnect_from_callback(self) -> None:
+        """disconnect() inside a callback: close the connection now, end the supervisor after the callback.
+
+        The supervisor task runs the callback, so it can neither be
+        cancelled (the callback would get CancelledError from its own
+        disconnect()) nor waited for. The connection is closed here, cleanly
+        (offline presence, pending publishes, DISCONNECT); the supervisor
+        then stops dispatching and returns instead of reconnecting.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._stopped_by_callback = True
+        client = self._client
+        if client is None:
+            return
+        await self._drain()
+        self._connection_lost(client)
+        await self._close(client, graceful=not self._aborted)
+
     def abort(self) -> None:
         """Stop without DISCONNECT (so the broker sends the Last Will); safe from `__del__`."""
         self._aborted = True
@@ -365,7 +437,9 @@ class _Engine:
                     )
                     await asyncio.sleep(backoff.next_delay())
                     continue
-                backoff.reset()
+                # Not a reset: only a connection that lasts resets the delays.
+                backoff.succeeded()
+                protocol_errors = self._counters["protocol_errors"]
                 if first_connect.done():
                     self._counters["reconnects"] += 1
                     logger.info("reconnected to %s:%d as %s", self.hostname, self.port, self.client_id)
@@ -382,17 +456,26 @@ class _Engine:
                 finally:
                     self._connection_lost(client)
                     await self._close(client, graceful=lost is None and not self._aborted)
+                if self._stopped_by_callback:
+                    return
                 # Before anything the next connection brings, in arrival order.
                 await self._dispatch_received(client)
                 if not first_connect.done():
                     # The first connection broke before it was usable.
                     first_connect.set_exception(lost)
                     return
-                logger.warning(
-                    "connection to %s:%d lost (%s); reconnecting", self.hostname, self.port, lost
-                )
+                uptime = backoff.uptime()
+                if uptime is not None and uptime < backoff.stable_after and protocol_errors == self._counters["protocol_errors"]:
+                    self._counters["closed_early"] += 1
+                    log_closed_early(self._log, uptime, lost, self.client_id)
+                else:
+                    logger.warning("connection to %s:%d lost (%s); reconnecting", self.hostname, self.port, lost)
                 await asyncio.sleep(backoff.next_delay())
         finally:
+            if self._stopped_by_callback:
+                # That disconnect() is complete: the connector may connect anew.
+                self._stopped_by_callback = False
+                self._closing = False
             if not first_connect.done():
                 # disconnect() or abort() while the first attempt was running.
                 first_connect.set_exception(ConnectionError("the connector was closed while connecting"))
@@ -413,11 +496,14 @@ class _Engine:
             tls_context=self._tls_context,
             # aiomqtt's timeout bounds the CONNACK wait (and SUBACK/UNSUBACK).
             timeout=self._connect_timeout,
+            protocol=aiomqtt.ProtocolVersion.V311,
             **self._client_options,
         )
         inner = client._client  # the wrapped paho client (see the module docstring)
         # paho's own TCP connect timeout (default 5 s) follows ours.
         inner.connect_timeout = self._connect_timeout
+        guard = PacketGuard(inner, self._max_packet_size, self._on_protocol_error)
+        self._watch_handshake(client, guard)
         # Chain paho's on_publish: aiomqtt keeps its own bookkeeping, we learn
         # which fire-and-forget publishes were written or acknowledged.
         aiomqtt_on_publish = inner.on_publish
@@ -430,6 +516,61 @@ class _Engine:
         inner.on_publish = on_publish
         inner.on_socket_register_write = self._guarded_register_write(client)
         return client
+
+    def _on_protocol_error(self, error: ProtocolError) -> None:
+        """The packet guard found a violation; paho closes the connection next."""
+        self._counters["protocol_errors"] += 1
+        self._log.log(
+            "protocol-error",
+            logging.ERROR,
+            "MQTT protocol error from %s:%d, closing the connection: %s",
+            self.hostname,
+            self.port,
+            error,
+        )
+
+    def _watch_handshake(self, client: aiomqtt.Client, guard: PacketGuard) -> None:
+        """Fail the CONNACK wait as soon as the connection closes before CONNACK.
+
+        aiomqtt ignores a disconnection before CONNACK (its on_disconnect
+        returns early), so connect() would wait for the whole timeout and
+        raise a bare TimeoutError, and a reconnect attempt whose socket paho
+        had already closed would hold the supervisor for connect_timeout
+        even after the broker came back. paho's on_disconnect is chained:
+        when the CONNACK wait is still open, it fails with the reason the
+        guard saw (a refusal, a protocol error), paho's keepalive (paho
+        applies it to the CONNACK wait too: a limit of the reference, the
+        wait ends at the earlier of connect_timeout and about keepalive +
+        1 s), or the broker having closed.
+        """
+        inner = client._client
+        aiomqtt_on_disconnect = inner.on_disconnect
+        hostname, port, keepalive = self.hostname, self.port, self._keepalive
+
+        def fail_connack_wait(reason: Any) -> None:
+            waiter = client._connected
+            if waiter.done() or guard.return_code == 0:
+                # Answered, or accepted (aiomqtt replaces the future later).
+                return
+            error: OSError
+            if guard.return_code:
+                error = ConnectRefusedError(guard.return_code)
+            elif getattr(reason, "getName", lambda: None)() == "Keep alive timeout":
+                error = _ConnackTimeout(f"no CONNACK from {hostname}:{port} within {keepalive} s (keepalive)")
+            elif guard.error is not None:
+                error = ConnectionError(f"protocol error from {hostname}:{port} before CONNACK: {guard.error}")
+                error.__cause__ = guard.error
+            else:
+                error = ConnectionError(f"the broker at {hostname}:{port} closed the connection before CONNACK")
+            waiter.add_done_callback(_mark_retrieved)
+            waiter.set_exception(error)
+
+        def on_disconnect(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+            aiomqtt_on_disconnect(c, userdata, flags, reason_code, properties)
+            # paho may report from the executor thread that connects.
+            client._loop.call_soon_threadsafe(fail_connack_wait, reason_code)
+
+        inner.on_disconnect = on_disconnect
 
     @staticmethod
     def _guarded_register_write(client: aiomqtt.Client) -> Any:
@@ -488,6 +629,10 @@ class _Engine:
         original.add_done_callback(_mark_retrieved)
         try:
             await client.__aenter__()
+        except OSError:
+            # Closed, refused or timed out before CONNACK (see _watch_handshake).
+            self._close_hard(client)
+            raise
         except MqttConnectError as exc:
             code = exc.rc
             if hasattr(code, "getName"):  # a paho ReasonCode
@@ -496,6 +641,8 @@ class _Engine:
                 return_code = int(code or 0)
             raise ConnectRefusedError(return_code) from None
         except MqttError as exc:
+            # Whether the TCP connection was made (before it is closed below).
+            tcp_connected = client._client.socket() is not None
             # aiomqtt leaves the socket open when CONNACK does not come in
             # time, or when sending CONNECT failed after the TCP connect (a
             # broker going down); its reader stays registered on the loop, and
@@ -506,13 +653,19 @@ class _Engine:
             # aiomqtt raises MqttError(str(os_error)) from None; the OSError
             # (ConnectionRefusedError, socket timeout, DNS failure) is kept in
             # __context__ and is what the contract promises the caller.
+            # A timeout says what timed out and where (aiomqtt's CONNACK wait
+            # leaves a bare asyncio TimeoutError in __context__).
             cause = exc.__context__
+            if isinstance(cause, _ConnackTimeout):
+                # Ours (_watch_handshake), which aiomqtt took for its own timeout.
+                raise TimeoutError(str(cause)) from None
+            if isinstance(cause, TimeoutError) or "timed out" in str(exc):
+                what = "no CONNACK from" if tcp_connected else "TCP connect to"
+                raise TimeoutError(
+                    f"{what} {self.hostname}:{self.port} within {self._connect_timeout:g} s (connect_timeout)"
+                ) from None
             if isinstance(cause, OSError):
                 raise cause from None
-            if "timed out" in str(exc):
-                raise TimeoutError(
-                    f"no CONNACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s"
-                ) from None
             raise ConnectionError(f"cannot connect to {self.hostname}:{self.port}: {exc}") from None
         if client._disconnected is not original:
             client._disconnected.add_done_callback(_mark_retrieved)
@@ -560,11 +713,13 @@ class _Engine:
         if not birth.is_published():
             raise ConnectionError(f"no PUBACK from {self.hostname}:{self.port} within {self._connect_timeout:g} s")
 
-    async def _message_loop(self, client: aiomqtt.Client) -> BaseException:
-        """Dispatch messages in arrival order until the connection is lost; returns why."""
+    async def _message_loop(self, client: aiomqtt.Client) -> BaseException | None:
+        """Dispatch messages in arrival order until the connection is lost; returns why (None: disconnect() from a callback)."""
         try:
             async for message in client.messages:
                 await self._dispatch(message.topic.value, message.payload)
+                if self._stopped_by_callback:
+                    return None
         except MqttError as exc:
             return exc
         return ConnectionError("message iterator ended")  # pragma: no cover - aiomqtt never ends it
@@ -657,7 +812,10 @@ class _Engine:
         undecodable = False
         for handle in handles:
             # Checked per callback: an unsubscribe made by an earlier
-            # callback of this very message stops delivery at once.
+            # callback of this very message stops delivery at once, and so
+            # does a disconnect().
+            if self._stopped_by_callback:
+                return
             if not handle.active:
                 continue
             if handle.raw:
@@ -681,25 +839,40 @@ class _Engine:
                 if undecodable:
                     continue
                 arg = data
+            awaited = False
             try:
                 result = handle.callback(topic, arg)
                 if handle.is_coroutine or inspect.isawaitable(result):
                     # Strict order: this callback finishes before the next
                     # callback (or the next message) starts.
+                    awaited = True
                     await result
+            except asyncio.CancelledError:
+                # A BaseException: uncaught, it would end the supervisor
+                # silently. Raised by the callback itself it is a callback
+                # error like any other; only a cancellation of this task
+                # (disconnect(), abort(), loop shutdown), which can reach
+                # us only at an await, goes through.
+                if awaited and _being_cancelled():
+                    raise
+                self._callback_failed(handle, topic)
             except Exception:
-                counters["callback_errors"] += 1
-                self._log.log(
-                    "callback-error",
-                    logging.ERROR,
-                    "callback %r for %r raised on a message to %r",
-                    handle.callback,
-                    handle.topic_filter,
-                    topic,
-                    exc_info=True,
-                )
+                self._callback_failed(handle, topic)
             else:
                 counters["dispatched"] += 1
+
+    def _callback_failed(self, handle: SubscriptionHandle, topic: str) -> None:
+        """Count and log (rate-limited) the exception a callback raised; delivery goes on."""
+        self._counters["callback_errors"] += 1
+        self._log.log(
+            "callback-error",
+            logging.ERROR,
+            "callback %r for %r raised on a message to %r",
+            handle.callback,
+            handle.topic_filter,
+            topic,
+            exc_info=True,
+        )
 
     # ---------------------------------------------------------------- publish
 
@@ -994,6 +1167,12 @@ class PyMqttConnector:
     behaviour is the one `cascade_fast.FastMqttConnector` has; the test
     suite in ``tests/test_connector_*.py`` runs against both.
 
+    Every packet from the broker is checked against MQTT 3.1.1 (the rules
+    of `cascade_fast.codec.Decoder`, and CONNACK first and once); a
+    violation, or a packet whose remaining length exceeds
+    ``max_packet_size`` (None: the codec's default), closes the connection,
+    counts ``protocol_errors`` and reconnects.
+
     ``**kwargs`` are passed through to `aiomqtt.Client` (for example
     ``max_queued_incoming_messages``); an option aiomqtt does not know, or one
     the connector manages itself, is logged once at WARNING and ignored.
@@ -1041,6 +1220,7 @@ class PyMqttConnector:
         max_reconnect_delay: float = 30.0,
         connect_timeout: float = 10.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_packet_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         source_id = source_id or default_source_id()
@@ -1073,6 +1253,7 @@ class PyMqttConnector:
             max_reconnect_delay=max_reconnect_delay,
             connect_timeout=connect_timeout,
             max_queued=max_queued,
+            max_packet_size=max_packet_size,
             client_options=options,
         )
         # Handles reach the connector through a weak proxy, so the handles the
@@ -1160,7 +1341,7 @@ class PyMqttConnector:
         await self._engine.remove_subscription(handle)
 
     def stats(self) -> dict[str, int]:
-        """Counters (`_common.STAT_KEYS`) plus ``queue_depth``, ``connected`` (0/1) and ``queued`` (unacknowledged QoS 1/2)."""
+        """Counters (`_common.STAT_KEYS`, ``protocol_errors``) plus ``queue_depth``, ``connected`` (0/1) and ``queued`` (unacknowledged QoS 1/2)."""
         return self._engine.stats()
 
     async def __aenter__(self) -> PyMqttConnector:
