@@ -479,8 +479,10 @@ cdef class Session:
                  Py_ssize_t max_queued=10000):
         if not 1 <= max_inflight <= 65000:
             raise ValueError(f"max_inflight must be in 1..65000, got {max_inflight}")
-        if max_queued < max_inflight:
-            raise ValueError(f"max_queued ({max_queued}) must be at least max_inflight ({max_inflight})")
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {max_queued}")
+        # The window is part of the queue: it is never larger than the bound.
+        max_inflight = min(max_inflight, max_queued)
         self.max_inflight = max_inflight
         self.max_queued = max_queued
         self.clean_session = clean_session

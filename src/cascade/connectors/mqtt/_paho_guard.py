@@ -185,6 +185,11 @@ class PacketGuard:
             codec.Decoder(self._max).feed(header)
         except ProtocolError as exc:
             return exc
+        remaining = sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(in_packet["remaining_count"]))
+        if remaining > self._max:
+            # The codec skips an oversized PUBLISH; paho cannot (it buffers
+            # every packet whole), so here any packet over the limit is refused.
+            return ProtocolError(f"remaining length {remaining} exceeds max_packet_size {self._max}")
         return None
 
     def _fail(self, error: ProtocolError) -> int:

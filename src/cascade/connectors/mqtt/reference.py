@@ -60,7 +60,7 @@ from aiomqtt.exceptions import MqttConnectError, MqttError
 
 from cascade_fast import codec
 from cascade_fast._errors import ConnectRefusedError, ProtocolError, SubscribeRefusedError
-from cascade_fast._topics_py import TopicTrie, validate_filter, validate_payload_size, validate_qos, validate_topic
+from cascade_fast._topics_py import MAX_REMAINING_LENGTH, TopicTrie, validate_filter, validate_payload_size, validate_qos, validate_topic
 
 from ._common import (
     OFFLINE_PAYLOAD,
@@ -216,7 +216,9 @@ class _Engine:
         self._reconnect_delay = reconnect_delay
         self._max_reconnect_delay = max_reconnect_delay
         self._connect_timeout = connect_timeout
-        self._max_packet_size = codec.DEFAULT_MAX_PACKET_SIZE if max_packet_size is None else max_packet_size
+        # paho reads every packet whole and cannot skip one, so by default
+        # the reference accepts every size MQTT allows (§2.2.3), as paho does.
+        self._max_packet_size = MAX_REMAINING_LENGTH if max_packet_size is None else max_packet_size
         # Fail at construction on a bad limit, as for the delays.
         codec.Decoder(self._max_packet_size)
         self._client_options = client_options
@@ -1170,8 +1172,10 @@ class PyMqttConnector:
     Every packet from the broker is checked against MQTT 3.1.1 (the rules
     of `cascade_fast.codec.Decoder`, and CONNACK first and once); a
     violation, or a packet whose remaining length exceeds
-    ``max_packet_size`` (None: the codec's default), closes the connection,
-    counts ``protocol_errors`` and reconnects.
+    ``max_packet_size`` (None: no limit below MQTT's 256 MiB, as in paho,
+    which buffers every packet whole and so cannot skip an oversized
+    PUBLISH as the fast connector does), closes the connection, counts
+    ``protocol_errors`` and reconnects.
 
     ``**kwargs`` are passed through to `aiomqtt.Client` (for example
     ``max_queued_incoming_messages``); an option aiomqtt does not know, or one
