@@ -42,20 +42,20 @@ def flood(kind: str, cycles: int) -> bytes:
     return one * cycles
 
 
-def handshake(conn: socket.socket, decoder) -> None:
-    """Answer CONNECT and the client's QoS 1 publishes until its SUBSCRIBE."""
+def handshake(conn: socket.socket, decoder, granted_qos: int = 1) -> bool:
+    """Answer CONNECT and the client's QoS 1 publishes until its SUBSCRIBE; False if it left first."""
     while True:
         data = conn.recv(65536)
         if not data:
-            raise SystemExit("client left during the handshake")
+            return False
         for packet in decoder.feed(data):
             if packet.type == "CONNECT":
                 conn.sendall(wire.encode_connack(False, 0))
             elif packet.type == "PUBLISH" and packet.qos == 1:
                 conn.sendall(wire.encode_puback(packet.packet_id))
             elif packet.type == "SUBSCRIBE":
-                conn.sendall(wire.encode_suback(packet.packet_id, [1]))
-                return
+                conn.sendall(wire.encode_suback(packet.packet_id, [granted_qos]))
+                return True
 
 
 def count_answers(conn: socket.socket, decoder, answer: str, total: int, reading: threading.Event, sent: threading.Event) -> None:
@@ -99,7 +99,8 @@ def main() -> None:
     threading.Thread(target=on_stdin, daemon=True).start()
     conn, _ = listener.accept()
     decoder = wire.Decoder()
-    handshake(conn, decoder)
+    if not handshake(conn, decoder):
+        raise SystemExit("client left during the handshake")
     total = len(IDS) * args.cycles
     threading.Thread(target=count_answers, args=(conn, decoder, ANSWER[args.kind], total, reading, sent), daemon=True).start()
     try:
