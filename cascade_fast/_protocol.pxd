@@ -113,8 +113,7 @@ cdef class MqttProtocol(PacketSink):
         object shrink_handle         # TimerHandle of that check while the large buffer is held, or None
         readonly int read_pauses     # PAUSE_* bits: the transport is not reading while any is set
         double read_budget           # seconds of reads per loop iteration before yielding to the loop (0 = off)
-        bint budget_armed            # a call_soon(_next_iteration) is pending: reads belong to this iteration
-        double budget_spent          # seconds spent in reads in this loop iteration (real clock)
+        double budget_spent          # seconds spent in reads since reading last paused for the budget (real clock)
         bint in_read                 # inside buffer_updated: a nested read gets a buffer of its own
         object nested_view           # that buffer, between get_buffer and buffer_updated
         list nested_reads            # bytes of nested reads, decoded after the read in progress

@@ -899,7 +899,6 @@ cdef class MqttProtocol(PacketSink):
     cdef int _read_done(self, Py_ssize_t nbytes, double started) except -1:
         # After a read, outside it (the buffer may be swapped now):
         # size the read buffer for the flow and keep the loop iteration short.
-        cdef double tick
         if nbytes >= SMALL_READ_SIZE:
             self.big_reads += 1
             if not self.big_buffer and self.transport is not None:
@@ -912,23 +911,21 @@ cdef class MqttProtocol(PacketSink):
             return 0
         # Read budget: uvloop reads up to 32 times in one loop iteration, and
         # each read is decoded and dispatched inline, so a flood would hold
-        # every timer and task back for as long as all of them take. Past the
-        # budget, stop reading until the next iteration has run the rest.
-        # Neither loop's time() tells iterations apart (uvloop's is not
-        # cached), so the first read of an iteration schedules the callback
-        # that ends it: call_soon from an I/O callback runs next iteration.
-        if not self.budget_armed:
-            self.budget_armed = True
-            self.budget_spent = 0.0
-            self.loop.call_soon(self._next_iteration)
+        # every timer and task back for as long as all of them take. Every
+        # `read_budget` seconds of reads, stop reading until the next
+        # iteration, so no iteration reads for longer than that plus one
+        # read. Counted across iterations (neither loop's time() tells them
+        # apart, and a marker per iteration would cost a call_soon per small
+        # read): a pause that was not needed only costs one iteration.
         self.budget_spent += _monotonic() - started
         if self.budget_spent >= self.read_budget and self.transport is not None:
+            self.budget_spent = 0.0
             self._pause_reading(PAUSE_BUDGET)
+            self.loop.call_soon(self._budget_resume)
         return 0
 
-    def _next_iteration(self):
-        # The loop ran timers and other callbacks since the reads: a new budget.
-        self.budget_armed = False
+    def _budget_resume(self):
+        # The loop ran its timers and other callbacks since the pause.
         self._resume_reading(PAUSE_BUDGET)
 
     def _shrink_check(self):
