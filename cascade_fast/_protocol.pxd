@@ -108,7 +108,8 @@ cdef class MqttProtocol(PacketSink):
         int state                    # ST_* enum in _protocol.pyx
         bytearray wbuf               # writes made in this loop iteration, flushed once
         object rview                 # memoryview of the read buffer the transport reads into (BufferedProtocol)
-        bint big_buffer              # rview is the large buffer (data is flowing), not the small one
+        bint big_buffer              # rview is (a slice of) the large buffer (data is flowing), not the small one
+        object big_view              # memoryview of the whole large buffer while it is held, else None
         Py_ssize_t big_reads         # reads that filled the small buffer's size since the last shrink check
         object shrink_handle         # TimerHandle of that check while the large buffer is held, or None
         readonly int read_pauses     # PAUSE_* bits: the transport is not reading while any is set
@@ -136,6 +137,7 @@ cdef class MqttProtocol(PacketSink):
     cdef int _pause_reading(self, int reason) except -1
     cdef int _resume_reading(self, int reason) except -1
     cdef int _read_done(self, Py_ssize_t nbytes, double started) except -1
+    cdef Py_ssize_t _read_size(self, Py_ssize_t nbytes, double elapsed)
     cdef int _write(self, bytes data) except -1
     cdef int _flush(self) except -1
     cdef int _abort(self, object reason) except -1

@@ -897,16 +897,24 @@ cdef class MqttProtocol(PacketSink):
         self._read_done(nbytes, started)
 
     cdef int _read_done(self, Py_ssize_t nbytes, double started) except -1:
-        # After a read, outside it (the buffer may be swapped now):
-        # size the read buffer for the flow and keep the loop iteration short.
+        # After a read, outside it (the buffer may be swapped now): size the
+        # next read for the flow and keep the loop iteration short.
+        cdef double elapsed = _monotonic() - started
+        cdef Py_ssize_t size
         if nbytes >= SMALL_READ_SIZE:
             self.big_reads += 1
-            if not self.big_buffer and self.transport is not None:
-                # The small buffer filled up: data flows, read in large chunks.
-                self.rview = memoryview(bytearray(READ_BUFFER_SIZE))
+        if self.transport is None:
+            return 0
+        if nbytes == len(self.rview) or (self.read_budget > 0 and elapsed > self.read_budget):
+            # The read filled its buffer (data flows) or took too long.
+            size = self._read_size(nbytes, elapsed)
+            if size > SMALL_READ_SIZE and not self.big_buffer:
+                self.big_view = memoryview(bytearray(READ_BUFFER_SIZE))
                 self.big_buffer = True
                 self.big_reads = 0
                 self.shrink_handle = self.loop.call_later(SHRINK_CHECK, self._shrink_check)
+            if self.big_buffer and size != len(self.rview):
+                self.rview = self.big_view[:size]
         if self.read_budget <= 0 or self.read_pauses & PAUSE_BUDGET:
             return 0
         # Read budget: uvloop reads up to 32 times in one loop iteration, and
@@ -917,12 +925,27 @@ cdef class MqttProtocol(PacketSink):
         # read. Counted across iterations (neither loop's time() tells them
         # apart, and a marker per iteration would cost a call_soon per small
         # read): a pause that was not needed only costs one iteration.
-        self.budget_spent += _monotonic() - started
-        if self.budget_spent >= self.read_budget and self.transport is not None:
+        self.budget_spent += elapsed
+        if self.budget_spent >= self.read_budget:
             self.budget_spent = 0.0
             self._pause_reading(PAUSE_BUDGET)
             self.loop.call_soon(self._budget_resume)
         return 0
+
+    cdef Py_ssize_t _read_size(self, Py_ssize_t nbytes, double elapsed):
+        # Bytes the next read may take: what half the budget decodes at this
+        # read's pace (telemetry: the whole large buffer; a flood of tiny
+        # packets such as PUBREL, ~1.7 us per 4 bytes: the small size), so
+        # one read never holds the loop much past the budget.
+        cdef double fit
+        if self.read_budget <= 0 or elapsed <= 0:
+            return READ_BUFFER_SIZE
+        fit = nbytes * (self.read_budget * 0.5) / elapsed
+        if fit >= READ_BUFFER_SIZE:
+            return READ_BUFFER_SIZE
+        if fit <= SMALL_READ_SIZE:
+            return SMALL_READ_SIZE
+        return <Py_ssize_t>fit
 
     def _budget_resume(self):
         # The loop ran its timers and other callbacks since the pause.
@@ -939,6 +962,7 @@ cdef class MqttProtocol(PacketSink):
             self.shrink_handle = self.loop.call_later(SHRINK_CHECK, self._shrink_check)
             return
         self.rview = memoryview(bytearray(SMALL_READ_SIZE))
+        self.big_view = None
         self.big_buffer = False
 
     cdef int _pause_reading(self, int reason) except -1:

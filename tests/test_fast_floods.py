@@ -192,7 +192,7 @@ async def test_idle_connectors_hold_a_small_read_buffer(broker):
 
 
 async def test_a_read_that_fills_the_small_buffer_switches_to_the_large_one_and_back():
-    """A burst gets the large buffer (one read takes more than 16 KiB); it is freed once the flow stops."""
+    """A burst gets the large buffer (a read filled the 16 KiB one); it is freed once the flow stops."""
     async with ScriptedPeer() as peer:
         conn = _connector(peer, keepalive=0, read_coalesce=0.0)
         await conn.connect()
@@ -203,7 +203,7 @@ async def test_a_read_that_fills_the_small_buffer_switches_to_the_large_one_and_
         burst = b"".join(_publish(f"b/{i}", b"x" * 200) for i in range(5000))  # ~1 MiB in one write
         peer.send(burst)
         await _eventually(lambda: len(got) == 5000, timeout=10, what="the burst delivered")
-        assert len(proto.get_buffer(-1)) == 256 * 1024
+        assert len(proto.get_buffer(-1)) > 16 * 1024  # sized to the read budget at this pace, up to 256 KiB
         await _eventually(lambda: len(proto.get_buffer(-1)) == 16 * 1024, timeout=10, what="the large buffer freed")
         peer.send(_publish("b/after", b"{}"))
         await _eventually(lambda: got[-1] == "b/after", what="delivery after the switch back")
