@@ -81,7 +81,7 @@ cdef enum:
     PAUSE_BACKPRESSURE = 1  # the dispatcher's queue is past high_water
     PAUSE_COALESCE = 2      # read coalescing lets the kernel gather the next bytes
     PAUSE_WRITING = 4       # the transport's write buffer is full (pause_writing)
-    PAUSE_BUDGET = 8        # this loop iteration's read budget is spent
+    PAUSE_BUDGET = 8        # read_budget seconds of reads done: one loop iteration for the rest
 
 cdef enum:
     # MqttProtocol.state
@@ -126,7 +126,7 @@ cdef extern from *:
     }
     #endif
     """
-    # A real clock: uvloop's loop.time() is read once per loop iteration.
+    # A clock finer than uvloop's loop.time(), which counts whole milliseconds.
     double _monotonic "cascade_monotonic"() nogil
 
 
