@@ -12,7 +12,9 @@ a second; rates, not times, are what compare.
 1. ingest: a replay server (benches/replay_server.py, its own process)
    answers SUBSCRIBE with N telemetry PUBLISH packets; the subscriber
    (``cascade/telemetry/+/+/+/events``) decodes every payload and calls a
-   plain counting callback.
+   plain counting callback. The same again with a loop-lag probe beside it
+   (a task sleeping 1 ms in a loop): the worst overshoot is how long the
+   flood kept timers and other tasks waiting.
 2. publish QoS 0 of a dict payload into a discarding sink (its own
    process); publish QoS 1 through a private Mosquitto, acknowledged
    (flush() waits for every PUBACK).
@@ -96,6 +98,7 @@ class _Summary:
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, float]] = {}
         self.cpu: dict[str, dict[str, float]] = {}
+        self.lag: dict[str, dict[str, float]] = {}
 
     def record(self, workload: str, impl: str, count: int, benchmark, cpu: "_CpuClock | None" = None) -> float:
         rate = count / benchmark.stats.stats.median
@@ -109,6 +112,11 @@ class _Summary:
             benchmark.extra_info["cpu_ns_per_msg"] = round(per_msg * 1e9)
             self.cpu.setdefault(workload, {})[impl] = 1 / per_msg
         return rate
+
+    def record_lag(self, workload: str, impl: str, seconds: float, benchmark) -> None:
+        """The worst loop lag seen in any round, printed beside that workload's rate."""
+        benchmark.extra_info["max_loop_lag_ms"] = round(seconds * 1e3, 2)
+        self.lag.setdefault(workload, {})[impl] = seconds
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.rows:
@@ -128,6 +136,11 @@ class _Summary:
             tr.write_line("per CPU-second of the benchmark process (client side only):")
             for workload, row in self.cpu.items():
                 cells = "  ".join(f"{impl} {rate:>12,.0f}" for impl, rate in row.items())
+                tr.write_line(f"  {workload:<32} {cells}")
+        if self.lag:
+            tr.write_line("max event-loop lag (worst overshoot of a 1 ms sleep, any round):")
+            for workload, row in self.lag.items():
+                cells = "  ".join(f"{impl} {1e3 * lag:>9.1f} ms" for impl, lag in row.items())
                 tr.write_line(f"  {workload:<32} {cells}")
 
 
@@ -268,21 +281,73 @@ def _counter(target: int, done: asyncio.Future):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_ingest_replay(benchmark, impl, replay_ports, loop, summary):
     """Replay server -> connector: decode each payload, call a counting callback."""
+    benchmark.group = "ingest: replay -> orjson -> callback"
+    _ingest(benchmark, impl, replay_ports, loop, summary, "ingest (replay server)", probe=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ingest_replay_loop_lag(benchmark, impl, replay_ports, loop, summary):
+    """The ingest replay with a 1 ms lag probe running: rate and worst loop lag side by side."""
+    benchmark.group = "ingest with a loop-lag probe"
+    _ingest(benchmark, impl, replay_ports, loop, summary, "ingest (replay, lag probe)", probe=True)
+
+
+class _LagProbe:
+    """A task that sleeps 1 ms in a loop and keeps the worst overshoot.
+
+    Under a flood that is decoded inline, the overshoot is how long one
+    loop iteration's reads kept every timer and other task waiting.
+    """
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+    async def _run(self) -> None:
+        clock = time.perf_counter
+        while True:
+            start = clock()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, clock() - start - 0.001)
+
+
+def _ingest(benchmark, impl: str, replay_ports, loop, summary, workload: str, *, probe: bool) -> None:
+    """Rounds of N replayed messages into a counting callback; with `probe`, the worst loop lag too."""
     cls = _connector_class(impl)
     n = INGEST_N[impl]
     conn = cls("127.0.0.1", replay_ports[impl], keepalive=60)
     loop.run_until_complete(conn.connect())
+    probes: list[_LagProbe] = []
 
     async def one_round():
         done = loop.create_future()
         handle = await conn.subscribe(FILTER, _counter(n, done), qos=0)
-        await asyncio.wait_for(done, 120)
+        if probe:
+            probes.append(_LagProbe())
+            probes[-1].start()
+        try:
+            await asyncio.wait_for(done, 120)
+        finally:
+            if probe:
+                await probes[-1].stop()
         await handle.unsubscribe()
 
-    benchmark.group = "ingest: replay -> orjson -> callback"
     cpu = _CpuClock()
     benchmark.pedantic(cpu.wrap(lambda: loop.run_until_complete(one_round())), rounds=ROUNDS[impl], iterations=1)
-    summary.record("ingest (replay server)", impl, n, benchmark, cpu)
+    # The probe's own wakeups cost CPU: only the plain run reports CPU per message.
+    summary.record(workload, impl, n, benchmark, None if probe else cpu)
+    if probe:
+        summary.record_lag(workload, impl, max(p.worst for p in probes), benchmark)
     assert conn.stats()["decode_errors"] == 0
     loop.run_until_complete(conn.disconnect())
 

@@ -112,6 +112,13 @@ cdef class MqttProtocol(PacketSink):
         int state                    # ST_* enum in _protocol.pyx
         bytearray wbuf               # writes made in this loop iteration, flushed once
         object rview                 # memoryview of the read buffer the transport reads into (BufferedProtocol)
+        bint big_buffer              # rview is (a slice of) the large buffer (data is flowing), not the small one
+        object big_view              # memoryview of the whole large buffer while it is held, else None
+        Py_ssize_t big_reads         # reads that filled the small buffer's size since the last shrink check
+        object shrink_handle         # TimerHandle of that check while the large buffer is held, or None
+        readonly int read_pauses     # PAUSE_* bits: the transport is not reading while any is set
+        double read_budget           # seconds of reads per loop iteration before yielding to the loop (0 = off)
+        double budget_spent          # seconds spent in reads since reading last paused for the budget (real clock)
         bint in_read                 # inside buffer_updated: a nested read gets a buffer of its own
         object nested_view           # that buffer, between get_buffer and buffer_updated
         list nested_reads            # bytes of nested reads, decoded after the read in progress
@@ -134,6 +141,10 @@ cdef class MqttProtocol(PacketSink):
         object logger
         readonly object close_reason # why we closed the connection (exception), or None
 
+    cdef int _pause_reading(self, int reason) except -1
+    cdef int _resume_reading(self, int reason) except -1
+    cdef int _read_done(self, Py_ssize_t nbytes, double started) except -1
+    cdef Py_ssize_t _read_size(self, Py_ssize_t nbytes, double elapsed)
     cdef int _write(self, bytes data) except -1
     cdef int _flush(self) except -1
     cdef int _abort(self, object reason) except -1

@@ -79,6 +79,14 @@ cdef enum:
     ACK_PUBCOMP = 3
 
 cdef enum:
+    # MqttProtocol.read_pauses: why the transport is not reading. Each reason
+    # is set and cleared on its own; reading resumes only when none is left.
+    PAUSE_BACKPRESSURE = 1  # the dispatcher's queue is past high_water
+    PAUSE_COALESCE = 2      # read coalescing lets the kernel gather the next bytes
+    PAUSE_WRITING = 4       # the transport's write buffer is full (pause_writing)
+    PAUSE_BUDGET = 8        # read_budget seconds of reads done: one loop iteration for the rest
+
+cdef enum:
     # MqttProtocol.state
     ST_CONNECTING = 0   # CONNECT sent, CONNACK not yet received
     ST_CONNECTED = 1    # CONNACK 0 received
@@ -93,15 +101,44 @@ cdef Py_ssize_t _PAYLOAD_CHECK_FROM = 268_435_455 - 65_539
 cdef int _MAX_PACKET_ID = 65535
 #: Validated topic names remembered per session (cleared when full).
 cdef Py_ssize_t _TOPIC_CACHE_SIZE = 4096
-#: Bytes the transport may read at once into a connection's buffer (what
-#: uvloop reads at once into its own buffer for a plain Protocol).
+#: Bytes the transport may read at once into a connection's buffer while
+#: data flows (what uvloop reads at once into its own buffer for a plain Protocol).
 cdef Py_ssize_t READ_BUFFER_SIZE = 256 * 1024
+#: The buffer of a connection with little to read: a read that fills it
+#: switches to the large one, so an idle connection does not hold 256 KiB.
+cdef Py_ssize_t SMALL_READ_SIZE = 16 * 1024
+#: Seconds between checks whether the large buffer is still needed; it is
+#: freed after a period without a read that would have filled the small one.
+cdef double SHRINK_CHECK = 1.0
 #: The buffer of a read nested in a read (see MqttProtocol.get_buffer).
 cdef Py_ssize_t NESTED_READ_SIZE = 64 * 1024
 
 
 def _reraise(exc):
     raise exc
+
+
+cdef extern from *:
+    """
+    #ifdef _WIN32
+    #include <windows.h>
+    static double cascade_monotonic(void) {
+        LARGE_INTEGER freq, count;
+        QueryPerformanceFrequency(&freq);
+        QueryPerformanceCounter(&count);
+        return (double)count.QuadPart / (double)freq.QuadPart;
+    }
+    #else
+    #include <time.h>
+    static double cascade_monotonic(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+    }
+    #endif
+    """
+    # A clock finer than uvloop's loop.time(), which counts whole milliseconds.
+    double _monotonic "cascade_monotonic"() nogil
 
 
 cdef inline _fail(fut, exc):
@@ -216,8 +253,8 @@ cdef class Dispatcher:
     def attach_reader(self, MqttProtocol proto):
         """Make `proto` the connection backpressure pauses (after its CONNACK)."""
         self.reader = proto
-        if self.reading_paused and proto.transport is not None:
-            proto.transport.pause_reading()
+        if self.reading_paused:
+            proto._pause_reading(PAUSE_BACKPRESSURE)
 
     def detach_reader(self, MqttProtocol proto):
         if self.reader is proto:
@@ -366,15 +403,12 @@ cdef class Dispatcher:
         self.reading_paused = paused
         if paused:
             self.pauses += 1
-        if proto is None or proto.transport is None:
+        if proto is None:
             return 0
-        try:
-            if paused:
-                proto.transport.pause_reading()
-            else:
-                proto.transport.resume_reading()
-        except Exception as exc:  # closing transport: connection_lost follows
-            self.logger.debug("pause/resume reading failed: %r", exc)
+        if paused:
+            proto._pause_reading(PAUSE_BACKPRESSURE)
+        else:
+            proto._resume_reading(PAUSE_BACKPRESSURE)
         return 0
 
 
@@ -840,6 +874,7 @@ cdef class MqttProtocol(PacketSink):
     def __init__(self, loop, Session session, Dispatcher dispatcher, TopicTrie trie, bytes connect_packet, *,
                  double keepalive, Py_ssize_t write_batch=65536, max_packet_size=None,
                  double read_coalesce=0.0, Py_ssize_t coalesce_below=16384, double packet_timeout=30.0,
+                 double read_budget=0.004,
                  errlog, logger):
         self.loop = loop
         self.session = session
@@ -851,6 +886,7 @@ cdef class MqttProtocol(PacketSink):
         self.write_batch = write_batch
         self.read_coalesce = read_coalesce
         self.coalesce_below = coalesce_below
+        self.read_budget = read_budget
         self.errlog = errlog
         self.logger = logger
         self.decoder = _codec.Decoder() if max_packet_size is None else _codec.Decoder(max_packet_size=max_packet_size)
@@ -858,7 +894,7 @@ cdef class MqttProtocol(PacketSink):
         self.closed = loop.create_future()
         self.acks = {}
         self.wbuf = bytearray()
-        self.rview = memoryview(bytearray(READ_BUFFER_SIZE))
+        self.rview = memoryview(bytearray(SMALL_READ_SIZE))
         self.nested_reads = []
         self.drain_waiters = []
         self.state = ST_CONNECTING
@@ -889,11 +925,12 @@ cdef class MqttProtocol(PacketSink):
         self._schedule_keepalive()
 
     def get_buffer(self, sizehint):
-        # asyncio.BufferedProtocol: the transport reads straight into one
-        # buffer kept for the connection's life, instead of handing over a
-        # new bytes object per read (a malloc, a copy and, at ~256 KiB, page
-        # faults). Safe to reuse: the decoder copies out everything it keeps
-        # (payloads, an incomplete packet's bytes) before data_received returns.
+        # asyncio.BufferedProtocol: the transport reads straight into a
+        # buffer kept across reads, instead of handing over a new bytes object
+        # per read (a malloc, a copy and, at ~256 KiB, page faults). Safe to
+        # reuse: the decoder copies out everything it keeps (payloads, an
+        # incomplete packet's bytes) before data_received returns. The buffer
+        # is small while little arrives and large while data flows (_read_done).
         if self.in_read:
             # A read nested in a read: asyncio's SSL transport reads again from
             # inside close() when a callback closes the connection. It must not
@@ -903,11 +940,13 @@ cdef class MqttProtocol(PacketSink):
         return self.rview
 
     def buffer_updated(self, Py_ssize_t nbytes):
+        cdef double started
         if self.in_read:
             # Those bytes arrived after the ones being decoded: they wait.
             self.nested_reads.append(bytes(self.nested_view[:nbytes]))
             self.nested_view = None
             return
+        started = _monotonic()
         self.in_read = True
         try:
             self.data_received(self.rview[:nbytes])
@@ -915,6 +954,98 @@ cdef class MqttProtocol(PacketSink):
                 self.data_received(self.nested_reads.pop(0))
         finally:
             self.in_read = False
+        self._read_done(nbytes, started)
+
+    cdef int _read_done(self, Py_ssize_t nbytes, double started) except -1:
+        # After a read, outside it (the buffer may be swapped now): size the
+        # next read for the flow and keep the loop iteration short.
+        cdef double elapsed = _monotonic() - started
+        cdef Py_ssize_t size
+        if nbytes >= SMALL_READ_SIZE:
+            self.big_reads += 1
+        if self.transport is None:
+            return 0
+        if nbytes == len(self.rview) or (self.read_budget > 0 and elapsed > self.read_budget):
+            # The read filled its buffer (data flows) or took too long.
+            size = self._read_size(nbytes, elapsed)
+            if size > SMALL_READ_SIZE and not self.big_buffer:
+                self.big_view = memoryview(bytearray(READ_BUFFER_SIZE))
+                self.big_buffer = True
+                self.big_reads = 0
+                self.shrink_handle = self.loop.call_later(SHRINK_CHECK, self._shrink_check)
+            if self.big_buffer and size != len(self.rview):
+                self.rview = self.big_view[:size]
+        if self.read_budget <= 0 or self.read_pauses & PAUSE_BUDGET:
+            return 0
+        # Read budget: uvloop reads up to 32 times in one loop iteration, and
+        # each read is decoded and dispatched inline, so a flood would hold
+        # every timer and task back for as long as all of them take. Every
+        # `read_budget` seconds of reads, stop reading until the next
+        # iteration, so no iteration reads for longer than that plus one
+        # read. Counted across iterations (neither loop's time() tells them
+        # apart, and a marker per iteration would cost a call_soon per small
+        # read): a pause that was not needed only costs one iteration.
+        self.budget_spent += elapsed
+        if self.budget_spent >= self.read_budget:
+            self.budget_spent = 0.0
+            self._pause_reading(PAUSE_BUDGET)
+            self.loop.call_soon(self._budget_resume)
+        return 0
+
+    cdef Py_ssize_t _read_size(self, Py_ssize_t nbytes, double elapsed):
+        # Bytes the next read may take: what half the budget decodes at this
+        # read's pace (telemetry: the whole large buffer; a flood of tiny
+        # packets such as PUBREL, ~1.7 us per 4 bytes: the small size), so
+        # one read never holds the loop much past the budget.
+        cdef double fit
+        if self.read_budget <= 0 or elapsed <= 0:
+            return READ_BUFFER_SIZE
+        fit = nbytes * (self.read_budget * 0.5) / elapsed
+        if fit >= READ_BUFFER_SIZE:
+            return READ_BUFFER_SIZE
+        if fit <= SMALL_READ_SIZE:
+            return SMALL_READ_SIZE
+        return <Py_ssize_t>fit
+
+    def _budget_resume(self):
+        # The loop ran its timers and other callbacks since the pause.
+        self._resume_reading(PAUSE_BUDGET)
+
+    def _shrink_check(self):
+        # No read since the last check would have filled the small buffer:
+        # the flow has stopped, so free the large one.
+        self.shrink_handle = None
+        if self.transport is None:
+            return
+        if self.big_reads:
+            self.big_reads = 0
+            self.shrink_handle = self.loop.call_later(SHRINK_CHECK, self._shrink_check)
+            return
+        self.rview = memoryview(bytearray(SMALL_READ_SIZE))
+        self.big_view = None
+        self.big_buffer = False
+
+    cdef int _pause_reading(self, int reason) except -1:
+        """Stop reading for `reason` (a PAUSE_* bit) until it is cleared."""
+        cdef int before = self.read_pauses
+        self.read_pauses = before | reason
+        if before == 0 and self.transport is not None:
+            try:
+                self.transport.pause_reading()
+            except Exception as exc:  # closing transport: connection_lost follows
+                self.logger.debug("pause_reading failed: %r", exc)
+        return 0
+
+    cdef int _resume_reading(self, int reason) except -1:
+        """Clear `reason`; read again only if no other reason holds reading."""
+        cdef int before = self.read_pauses
+        self.read_pauses = before & ~reason
+        if before and not self.read_pauses and self.transport is not None:
+            try:
+                self.transport.resume_reading()
+            except Exception as exc:  # closing under us
+                self.logger.debug("resume_reading failed: %r", exc)
+        return 0
 
     def data_received(self, data):
         # Nothing may escape from here: uvloop would treat it as a fatal
@@ -963,20 +1094,12 @@ cdef class MqttProtocol(PacketSink):
             # longer ago) is never delayed. Never while acknowledgements are
             # awaited: the in-flight window and subscribe() wait on them.
             if self.transport is not None and self.state == ST_CONNECTED:
-                self.transport.pause_reading()
+                self._pause_reading(PAUSE_COALESCE)
                 self.coalesce_handle = self.loop.call_later(self.read_coalesce, self._coalesce_resume)
 
     def _coalesce_resume(self):
-        cdef Dispatcher d = self.dispatcher
         self.coalesce_handle = None
-        if self.transport is None:
-            return
-        if d.reading_paused and d.reader is self:
-            return  # backpressure holds reading; the dispatcher resumes it
-        try:
-            self.transport.resume_reading()
-        except Exception as exc:  # closing under us
-            self.logger.debug("resume_reading failed: %r", exc)
+        self._resume_reading(PAUSE_COALESCE)
 
     def eof_received(self):
         # The broker closed its side; MQTT has no half-close, so close ours.
@@ -992,6 +1115,9 @@ cdef class MqttProtocol(PacketSink):
         if self.coalesce_handle is not None:
             self.coalesce_handle.cancel()
             self.coalesce_handle = None
+        if self.shrink_handle is not None:
+            self.shrink_handle.cancel()
+            self.shrink_handle = None
         self.wbuf = bytearray()
         self.session.detach(self)
         self.dispatcher.detach_reader(self)
@@ -1009,10 +1135,15 @@ cdef class MqttProtocol(PacketSink):
             self.closed.set_result(reason)
 
     def pause_writing(self):
+        # Stop reading too: every PUBLISH (QoS 1/2) or PUBREL read is answered
+        # with a write, so a peer that floods without reading our answers would
+        # otherwise grow the transport's write buffer without bound.
         self.writing_paused = True
+        self._pause_reading(PAUSE_WRITING)
 
     def resume_writing(self):
         self.writing_paused = False
+        self._resume_reading(PAUSE_WRITING)
         self._wake_drain()
 
     # -- PacketSink (called by the decoder) ---------------------------------
@@ -1234,7 +1365,7 @@ cdef class MqttProtocol(PacketSink):
             return
         now = self.loop.time()
         if self.partial_since:
-            if not self.transport.is_reading():
+            if self.read_pauses:
                 self.partial_since = now  # we are not reading: the peer is not the slow one
             elif self.packet_timeout > 0 and now - self.partial_since >= self.packet_timeout:
                 self.session.protocol_errors += 1
@@ -1248,7 +1379,7 @@ cdef class MqttProtocol(PacketSink):
         if self.keepalive <= 0:
             self._schedule_keepalive()
             return
-        if not self.transport.is_reading():
+        if self.read_pauses:
             # Reading is paused (a slow consumer's backpressure, a write side
             # the broker does not drain): the PINGRESP cannot arrive, so a
             # missing one says nothing about the peer. The broker must still

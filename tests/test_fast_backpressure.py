@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not cascade_fast.EXTENSIONS_LOADED, reason="comp
 psutil = pytest.importorskip("psutil")
 
 from cascade_fast import _codec_py as wire  # noqa: E402
+from flood_peer import handshake  # noqa: E402
 
 MESSAGES = 150_000
 HIGH_WATER = 1_000
@@ -55,19 +56,8 @@ class _FloodPeer(threading.Thread):
         conn, _ = self.listener.accept()
         self.conn = conn
         decoder = wire.Decoder()
-        subscribed = False
-        while not subscribed:
-            data = conn.recv(65536)
-            if not data:
-                return
-            for packet in decoder.feed(data):
-                if packet.type == "CONNECT":
-                    conn.sendall(wire.encode_connack(False, 0))
-                elif packet.type == "PUBLISH" and packet.qos == 1:
-                    conn.sendall(wire.encode_puback(packet.packet_id))
-                elif packet.type == "SUBSCRIBE":
-                    conn.sendall(wire.encode_suback(packet.packet_id, [0]))
-                    subscribed = True
+        if not handshake(conn, decoder, granted_qos=0):
+            return
         view = memoryview(self.blob)
         try:
             while self.sent < len(view):
