@@ -185,3 +185,32 @@ async def test_a_retained_message_too_large_to_take_causes_no_reconnect_storm(co
     else:
         assert got == [f"{topic}/big", f"{topic}/small"]
     await publisher.publish(f"{topic}/big", b"", retain=True)  # clear it for the shared broker
+
+
+async def test_a_subscribe_cancelled_while_waiting_for_its_suback_leaves_nothing(connector_factory, private_broker):
+    """subscribe() cancelled before the SUBACK (the broker stalled): the caller has no handle, so nothing may stay
+    registered; once the broker is back, messages on that filter reach no callback."""
+    topic = unique("cancelled")
+    connector = connector_factory(private_broker, keepalive=30)
+    await connector.connect()
+    before = connector.stats()["subscriptions"]
+    got: list[object] = []
+    private_broker.pause()
+    try:
+        pending = asyncio.ensure_future(connector.subscribe(topic, lambda name, data: got.append(data)))
+        done, _ = await asyncio.wait([pending], timeout=0.3)
+        assert not done, "subscribe() returned without a SUBACK"
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert connector.stats()["subscriptions"] == before
+    finally:
+        private_broker.resume()
+    witness = Recorder()
+    await connector.subscribe(f"{topic}/witness", witness)
+    await connector.publish(topic, {"n": 1}, qos=1)
+    await connector.publish(f"{topic}/witness", {"n": 2}, qos=1)
+    await witness.wait(1)  # published after the first, on the same connection: the first had its chance
+    await asyncio.sleep(0.2)
+    assert got == []
+    assert connector.stats()["subscriptions"] == before + 1
