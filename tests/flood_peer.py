@@ -23,9 +23,9 @@ import socket
 import sys
 import threading
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cascade_fast import codec as wire  # noqa: E402
+# Imported by the tests too: never put the source tree on sys.path here, or
+# every later subprocess would import the sources instead of the build.
+from cascade_fast import codec as wire
 
 #: The answer each flood packet gets (MQTT 3.1.1 §4.3).
 ANSWER = {"qos1-publish": "PUBACK", "qos2-publish": "PUBREC", "pubrel": "PUBCOMP"}
