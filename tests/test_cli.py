@@ -1,6 +1,6 @@
 """`cascade-fast bench`: the command line end to end, and the pure pieces it is built from.
 
-The end-to-end tests run ``python -m cascade_fast.cli bench`` in a subprocess
+The end-to-end tests run ``python -m cascade_fast.apps.cli bench`` in a subprocess
 with tiny settings against the broker it starts (a private mosquitto on a
 free loopback port) and read its JSON; speed is never asserted, only that
 the figures are there and consistent.
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 
 import cascade_fast
-from cascade_fast.bench.broker import find_mosquitto, mosquitto_config, start_mosquitto
-from cascade_fast.bench.command import parse_host_port
-from cascade_fast.bench.deps import MissingExtraError, require
-from cascade_fast.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
+from cascade_fast.apps.bench.broker import find_mosquitto, mosquitto_config, start_mosquitto
+from cascade_fast.apps.bench.command import parse_host_port
+from cascade_fast.apps.bench.deps import MissingExtraError, require
+from cascade_fast.apps.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
 needs_bench_extra = pytest.mark.skipif(
@@ -50,9 +50,9 @@ needs_fast = pytest.mark.skipif(not _fast_usable(), reason="compiled core not lo
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run ``python -m cascade_fast.cli ARGS`` and return the finished process (text output)."""
+    """Run ``python -m cascade_fast.apps.cli ARGS`` and return the finished process (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "cascade_fast.cli", *args],
+        [sys.executable, "-m", "cascade_fast.apps.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -203,7 +203,7 @@ def test_sigint_stops_the_bench_and_tears_down_its_broker():
     psutil = pytest.importorskip("psutil")
     proc = subprocess.Popen(
         # Paced so the run is still going when SIGINT arrives.
-        [sys.executable, "-m", "cascade_fast.cli", "bench", "--connector", "python",
+        [sys.executable, "-m", "cascade_fast.apps.cli", "bench", "--connector", "python",
          "--instances", "4", "--messages", "100000", "--rate", "2000", "--duration", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -244,8 +244,8 @@ def test_sigint_stops_the_bench_and_tears_down_its_broker():
 def test_import_stays_light_and_the_parser_needs_no_extra():
     """`import cascade_fast` and building the CLI parser import neither rich nor matplotlib."""
     code = (
-        "import sys, cascade_fast, cascade_fast.cli, cascade_fast.watch, cascade_fast.bench.command;"
-        "cascade_fast.cli.build_parser();"
+        "import sys, cascade_fast, cascade_fast.apps.cli, cascade_fast.apps.watch, cascade_fast.apps.bench.command;"
+        "cascade_fast.apps.cli.build_parser();"
         "print(sorted(m for m in ('rich', 'matplotlib', 'psutil') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -255,7 +255,7 @@ def test_import_stays_light_and_the_parser_needs_no_extra():
 
 def test_missing_extra_names_the_pip_command():
     """Without rich, `bench` exits 2 with the extra to install, not a traceback."""
-    code = "import sys; sys.modules['rich'] = None; from cascade_fast.cli import main; sys.exit(main(['bench']))"
+    code = "import sys; sys.modules['rich'] = None; from cascade_fast.apps.cli import main; sys.exit(main(['bench']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "pip install 'cascade-fast[bench]'" in result.stderr
@@ -297,7 +297,7 @@ def test_parse_host_port_rejects(text):
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(monkeypatch):
     """No mosquitto binary: start_broker('auto') starts amqtt, which accepts connections until stopped."""
     pytest.importorskip("amqtt")
-    from cascade_fast.bench import broker as broker_mod
+    from cascade_fast.apps.bench import broker as broker_mod
 
     monkeypatch.setattr(broker_mod, "find_mosquitto", lambda: None)
     with broker_mod.start_broker("auto") as broker:

@@ -8,7 +8,7 @@ its own session (a Ctrl-C in the terminal reaches the bench, which then
 stops the broker itself, in order), and on Linux it is told to die with its
 parent, so a killed bench leaves no broker behind.
 
-``python -m cascade_fast.bench.broker amqtt PORT`` is the amqtt child's
+``python -m cascade_fast.apps.bench.broker amqtt PORT`` is the amqtt child's
 entry point.
 """
 
@@ -240,7 +240,7 @@ def start_amqtt(*, host: str = "127.0.0.1", timeout: float = 20.0) -> Broker:
     for _attempt in range(3):
         port = free_port(host)
         log_path = Path(tmp.name) / "amqtt.log"
-        proc = _popen([sys.executable, "-m", "cascade_fast.bench.broker", "amqtt", host, str(port)], log_path)
+        proc = _popen([sys.executable, "-m", "cascade_fast.apps.bench.broker", "amqtt", host, str(port)], log_path)
         try:
             _wait_listening(proc, host, port, timeout, log_path)
         except BrokerError as exc:
@@ -300,5 +300,5 @@ def _run_amqtt(host: str, port: int) -> None:  # pragma: no cover - child proces
 
 if __name__ == "__main__":  # pragma: no cover - child process
     if len(sys.argv) != 4 or sys.argv[1] != "amqtt":
-        sys.exit("usage: python -m cascade_fast.bench.broker amqtt HOST PORT")
+        sys.exit("usage: python -m cascade_fast.apps.bench.broker amqtt HOST PORT")
     _run_amqtt(sys.argv[2], int(sys.argv[3]))
