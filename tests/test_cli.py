@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 
 import cascade_fast
-from cascade_fast.apps.bench.broker import find_mosquitto, mosquitto_config, start_mosquitto
+from cascade_fast.apps.bench.broker import BENCH_CONFIG, start_mosquitto
+from cascade_fast.apps.mosquitto import find_mosquitto, mosquitto_config
 from cascade_fast.apps.bench.command import parse_host_port
 from cascade_fast.apps.bench.deps import MissingExtraError, require
 from cascade_fast.apps.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
@@ -310,8 +311,9 @@ def test_auto_broker_falls_back_to_amqtt_without_mosquitto(monkeypatch):
 
 def test_mosquitto_config_has_what_the_measurement_relies_on():
     """The started broker: loopback listener, no duplicate deliveries, no persistence."""
-    conf = mosquitto_config(12345)
+    conf = mosquitto_config(12345, extra_config=BENCH_CONFIG)
     assert "listener 12345 127.0.0.1" in conf
+    assert "max_queued_messages 0" in conf
     assert "allow_duplicate_messages false" in conf
     assert "persistence false" in conf
     assert "set_tcp_nodelay true" in conf

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from cascade_fast.apps.bench.broker import find_mosquitto, start_mosquitto
+from cascade_fast.apps.bench.broker import start_mosquitto
+from cascade_fast.apps.mosquitto import find_mosquitto
 from cascade_fast.apps.watch import FleetView, render_plain, summary_line
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")

@@ -1,37 +1,38 @@
-"""Brokers for the bench and the tests: start one on a free loopback port, or name one.
+"""Brokers for the bench: start one on a free loopback port, or name one.
 
 `start_broker()` prefers the ``mosquitto`` binary (what Cascade fleets run
-against) and falls back to the pure-Python ``amqtt`` broker from PyPI (the
-``[embedded]`` extra) so the bench works on a machine where nothing but pip
-is available. Either way the broker runs in a child process of its own, in
-its own session (a Ctrl-C in the terminal reaches the bench, which then
-stops the broker itself, in order), and on Linux it is told to die with its
-parent, so a killed bench leaves no broker behind.
+against), started by the project's one launcher (`cascade_fast.apps.mosquitto`,
+with `BENCH_CONFIG` added), and falls back to the pure-Python ``amqtt`` broker
+from PyPI (the ``[embedded]`` extra) so the bench works on a machine where
+nothing but pip is available. Either way the broker runs detached (see
+`cascade_fast.apps.mosquitto.spawn`): in its own session (a Ctrl-C in the
+terminal reaches the bench, which then stops the broker itself, in order),
+and on Linux told to die with its parent, so a killed bench leaves no broker
+behind.
 
-``python -m cascade_fast.apps.bench.broker amqtt PORT`` is the amqtt child's
+``python -m cascade_fast.apps.bench.broker amqtt HOST PORT`` is the amqtt child's
 entry point.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-#: Where Debian and Homebrew put the binary when it is not on PATH.
-_MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto")
+from ..mosquitto import BrokerError, Mosquitto, find_mosquitto, free_port, spawn, stop_process, wait_accepting
 
+__all__ = ["BENCH_CONFIG", "Broker", "BrokerAddress", "BrokerError", "start_amqtt", "start_broker", "start_mosquitto"]
 
-class BrokerError(RuntimeError):
-    """No broker could be started, or the one started did not come up."""
+#: What the bench adds to the launcher's configuration (`cascade_fast.apps.mosquitto.mosquitto_config`):
+#: QoS 1 messages for a slow subscriber are queued, not dropped, so "lost" in
+#: the report means lost by a client.
+BENCH_CONFIG = "max_queued_messages 0"
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Broker:
     address: BrokerAddress
     kind: str  # "mosquitto 2.0.11", "amqtt 0.12.1" or "external"
     process: subprocess.Popen | None = None
-    _tmpdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _cleanup: Callable[[], None] | None = field(default=None, repr=False)
 
     @property
     def started_here(self) -> bool:
@@ -86,18 +87,11 @@ class Broker:
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the broker this object started (idempotent); SIGKILL after `timeout`."""
         proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout)
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+        if proc is not None:
+            stop_process(proc, timeout)
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
 
     def __enter__(self) -> "Broker":
         return self
@@ -106,121 +100,15 @@ class Broker:
         self.stop()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (the OS picks it; a small race remains, retried by the starters)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def find_mosquitto() -> str | None:
-    """Path of the mosquitto binary, or None."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return next((p for p in _MOSQUITTO_CANDIDATES if os.access(p, os.X_OK)), None)
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: deliver SIGTERM to the broker when the process that started it dies (prctl PR_SET_PDEATHSIG)."""
+def start_mosquitto(binary: str | None = None, *, host: str = "127.0.0.1") -> Broker:
+    """Start mosquitto (the launcher's configuration plus `BENCH_CONFIG`) on a free port of `host`."""
+    mosquitto = Mosquitto(host=host, binary=binary, extra_config=BENCH_CONFIG, detached=True)
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 == PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _popen(argv: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Own session: the terminal's Ctrl-C goes to the bench, which
-            # stops its clients first and the broker last.
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
-
-
-def _wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BrokerError(f"broker exited with code {proc.returncode}: {_tail(log_path)}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-            return
-        time.sleep(0.02)
-    raise BrokerError(f"broker did not listen on {host}:{port} within {timeout:.0f} s: {_tail(log_path)}")
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-limit:].strip() or "(no output)"
-    return "(no output)"
-
-
-def mosquitto_config(port: int, host: str = "127.0.0.1") -> str:
-    """The mosquitto.conf the bench and the tests use.
-
-    - ``allow_duplicate_messages false``: MQTT 3.1.1 §3.3.5 says a client whose
-      subscriptions overlap gets a message once; mosquitto 2.0 only does so
-      with this set.
-    - persistence off: every run starts with no retained state.
-    - ``max_queued_messages 0``: QoS 1 messages for a slow subscriber are
-      queued, not dropped, so "lost" in the report means lost by a client.
-    - ``set_tcp_nodelay true``: without it the broker's small writes to a
-      subscriber wait on Nagle's algorithm and the subscriber's delayed ACK
-      (up to 40 ms on Linux), which would bury the clients' own latency.
-    """
-    return (
-        f"listener {port} {host}\n"
-        "allow_anonymous true\n"
-        "allow_duplicate_messages false\n"
-        "persistence false\n"
-        "max_queued_messages 0\n"
-        "set_tcp_nodelay true\n"
-        "log_dest stderr\n"
-        "log_type error\n"
-        "log_type warning\n"
-    )
-
-
-def mosquitto_version(binary: str) -> str:
-    """``mosquitto 2.0.11`` from ``mosquitto -h`` (which exits 3 after printing it)."""
-    try:
-        out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "mosquitto"
-    first = out.splitlines()[0] if out else ""
-    return first.replace(" version ", " ") if first.startswith("mosquitto") else "mosquitto"
-
-
-def start_mosquitto(binary: str | None = None, *, host: str = "127.0.0.1", timeout: float = 10.0) -> Broker:
-    """Start mosquitto on a free loopback port (retrying if the port was taken meanwhile)."""
-    binary = binary or find_mosquitto()
-    if binary is None:
-        raise BrokerError("mosquitto is not installed")
-    tmp = tempfile.TemporaryDirectory(prefix="cascade-fast-broker-")
-    last_error: BrokerError | None = None
-    for _attempt in range(3):
-        port = free_port(host)
-        conf = Path(tmp.name) / "mosquitto.conf"
-        conf.write_text(mosquitto_config(port, host))
-        log_path = Path(tmp.name) / "mosquitto.log"
-        proc = _popen([binary, "-c", str(conf)], log_path)
-        try:
-            _wait_listening(proc, host, port, timeout, log_path)
-        except BrokerError as exc:
-            last_error = exc
-            _kill(proc)
-            continue
-        return Broker(BrokerAddress(host, port), mosquitto_version(binary), proc, tmp)
-    tmp.cleanup()
-    raise last_error or BrokerError("mosquitto did not start")
+        mosquitto.start()
+    except BrokerError:
+        mosquitto.close()
+        raise
+    return Broker(BrokerAddress(mosquitto.host, mosquitto.port), mosquitto.version, mosquitto.process, mosquitto.close)
 
 
 def start_amqtt(*, host: str = "127.0.0.1", timeout: float = 20.0) -> Broker:
@@ -236,20 +124,26 @@ def start_amqtt(*, host: str = "127.0.0.1", timeout: float = 20.0) -> Broker:
             "or pass --broker HOST:PORT"
         ) from None
     tmp = tempfile.TemporaryDirectory(prefix="cascade-fast-broker-")
+    log_path = Path(tmp.name) / "amqtt.log"
     last_error: BrokerError | None = None
-    for _attempt in range(3):
+    for _attempt in range(3):  # another process may take the free port first
         port = free_port(host)
-        log_path = Path(tmp.name) / "amqtt.log"
-        proc = _popen([sys.executable, "-m", "cascade_fast.apps.bench.broker", "amqtt", host, str(port)], log_path)
+        proc = spawn([sys.executable, "-m", "cascade_fast.apps.bench.broker", "amqtt", host, str(port)], log_path, detached=True)
         try:
-            _wait_listening(proc, host, port, timeout, log_path)
+            wait_accepting(proc, host, port, timeout, lambda: _tail(log_path))
         except BrokerError as exc:
             last_error = exc
-            _kill(proc)
+            stop_process(proc, kill=True)
             continue
-        return Broker(BrokerAddress(host, port), kind, proc, tmp)
+        return Broker(BrokerAddress(host, port), kind, proc, tmp.cleanup)
     tmp.cleanup()
     raise last_error or BrokerError("amqtt did not start")
+
+
+def _tail(path: Path, limit: int = 600) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-limit:].strip() or "(no output)"
+    return "(no output)"
 
 
 def start_broker(prefer: str = "auto", *, host: str = "127.0.0.1") -> Broker:
@@ -263,13 +157,6 @@ def start_broker(prefer: str = "auto", *, host: str = "127.0.0.1") -> Broker:
         if prefer == "mosquitto":
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto, brew install mosquitto)")
     return start_amqtt(host=host)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(5)
 
 
 def _run_amqtt(host: str, port: int) -> None:  # pragma: no cover - child process
