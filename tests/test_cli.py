@@ -26,12 +26,13 @@ import pytest
 
 import cascade_fast
 from cascade_fast.apps.bench.broker import BENCH_CONFIG, start_mosquitto
-from cascade_fast.apps.mosquitto import find_mosquitto, mosquitto_config
 from cascade_fast.apps.bench.command import parse_host_port
 from cascade_fast.apps.bench.deps import MissingExtraError, require
 from cascade_fast.apps.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
+from cascade_fast.apps.mosquitto import mosquitto_config
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
+from broker import needs_mosquitto
+
 needs_bench_extra = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("rich", "matplotlib", "psutil")),
     reason="needs the [bench] extra (rich, matplotlib, psutil): pip install '.[bench]'",

@@ -20,10 +20,9 @@ import time
 import pytest
 
 from cascade_fast.apps.bench.broker import start_mosquitto
-from cascade_fast.apps.mosquitto import find_mosquitto
 from cascade_fast.apps.watch import FleetView, render_plain, summary_line
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
+from broker import needs_mosquitto
 
 
 def _fast_usable() -> bool:
