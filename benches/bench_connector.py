@@ -27,12 +27,9 @@ a second; rates, not times, are what compare.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +61,9 @@ PAYLOAD = {
 }
 
 IMPLS = ["python", "fast"]
+#: Added to the launcher's configuration: no per-client queue or in-flight
+#: limit (a flood must reach the subscriber, not be dropped), no logging.
+MOSQUITTO_CONFIG = "max_queued_messages 0\nmax_inflight_messages 0\nlog_type none"
 # Messages per round, and rounds, per connector: about a second per round.
 INGEST_N = {"python": 30_000, "fast": 500_000}
 PUB0_N = {"python": 30_000, "fast": 500_000}
@@ -211,40 +211,17 @@ def sink_port():
     _stop(proc)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mosquitto_port():
-    """A private Mosquitto on a free loopback port (never the system one on 1883)."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(binary):
+    """A private Mosquitto (the package's one launcher) on a free loopback port."""
+    from cascade_fast.apps.mosquitto import Mosquitto, MosquittoNotFound
+
+    try:
+        broker = Mosquitto(extra_config=MOSQUITTO_CONFIG)
+    except MosquittoNotFound:
         pytest.skip("mosquitto not installed")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        conf = Path(tmp, "mosquitto.conf")
-        # No per-client queue limit: a flood must reach the subscriber, not be dropped.
-        conf.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 0\nmax_inflight_messages 0\nlog_type none\n"
-        )
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise RuntimeError("private mosquitto did not start")
-                time.sleep(0.05)
-        yield port
-        proc.terminate()
-        proc.wait(5)
+    with broker:
+        yield broker.port
 
 
 @pytest.fixture

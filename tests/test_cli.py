@@ -1,6 +1,6 @@
 """`cascade-fast bench`: the command line end to end, and the pure pieces it is built from.
 
-The end-to-end tests run ``python -m cascade_fast.cli bench`` in a subprocess
+The end-to-end tests run ``python -m cascade_fast.apps.cli bench`` in a subprocess
 with tiny settings against the broker it starts (a private mosquitto on a
 free loopback port) and read its JSON; speed is never asserted, only that
 the figures are there and consistent.
@@ -25,12 +25,14 @@ from pathlib import Path
 import pytest
 
 import cascade_fast
-from cascade_fast.bench.broker import find_mosquitto, mosquitto_config, start_mosquitto
-from cascade_fast.bench.command import parse_host_port
-from cascade_fast.bench.deps import MissingExtraError, require
-from cascade_fast.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
+from cascade_fast.apps.bench.broker import BENCH_CONFIG, start_mosquitto
+from cascade_fast.apps.bench.command import parse_host_port
+from cascade_fast.apps.bench.deps import MissingExtraError, require
+from cascade_fast.apps.bench.measure import ProcessReport, SequenceTracker, aggregate, percentile, ratios
+from cascade_fast.apps.mosquitto import mosquitto_config
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
+from broker import needs_mosquitto
+
 needs_bench_extra = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("rich", "matplotlib", "psutil")),
     reason="needs the [bench] extra (rich, matplotlib, psutil): pip install '.[bench]'",
@@ -50,9 +52,9 @@ needs_fast = pytest.mark.skipif(not _fast_usable(), reason="compiled core not lo
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run ``python -m cascade_fast.cli ARGS`` and return the finished process (text output)."""
+    """Run ``python -m cascade_fast.apps.cli ARGS`` and return the finished process (text output)."""
     return subprocess.run(
-        [sys.executable, "-m", "cascade_fast.cli", *args],
+        [sys.executable, "-m", "cascade_fast.apps.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -203,7 +205,7 @@ def test_sigint_stops_the_bench_and_tears_down_its_broker():
     psutil = pytest.importorskip("psutil")
     proc = subprocess.Popen(
         # Paced so the run is still going when SIGINT arrives.
-        [sys.executable, "-m", "cascade_fast.cli", "bench", "--connector", "python",
+        [sys.executable, "-m", "cascade_fast.apps.cli", "bench", "--connector", "python",
          "--instances", "4", "--messages", "100000", "--rate", "2000", "--duration", "60"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -244,8 +246,8 @@ def test_sigint_stops_the_bench_and_tears_down_its_broker():
 def test_import_stays_light_and_the_parser_needs_no_extra():
     """`import cascade_fast` and building the CLI parser import neither rich nor matplotlib."""
     code = (
-        "import sys, cascade_fast, cascade_fast.cli, cascade_fast.watch, cascade_fast.bench.command;"
-        "cascade_fast.cli.build_parser();"
+        "import sys, cascade_fast, cascade_fast.apps.cli, cascade_fast.apps.watch, cascade_fast.apps.bench.command;"
+        "cascade_fast.apps.cli.build_parser();"
         "print(sorted(m for m in ('rich', 'matplotlib', 'psutil') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -255,7 +257,7 @@ def test_import_stays_light_and_the_parser_needs_no_extra():
 
 def test_missing_extra_names_the_pip_command():
     """Without rich, `bench` exits 2 with the extra to install, not a traceback."""
-    code = "import sys; sys.modules['rich'] = None; from cascade_fast.cli import main; sys.exit(main(['bench']))"
+    code = "import sys; sys.modules['rich'] = None; from cascade_fast.apps.cli import main; sys.exit(main(['bench']))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "pip install 'cascade-fast[bench]'" in result.stderr
@@ -297,7 +299,7 @@ def test_parse_host_port_rejects(text):
 def test_auto_broker_falls_back_to_amqtt_without_mosquitto(monkeypatch):
     """No mosquitto binary: start_broker('auto') starts amqtt, which accepts connections until stopped."""
     pytest.importorskip("amqtt")
-    from cascade_fast.bench import broker as broker_mod
+    from cascade_fast.apps.bench import broker as broker_mod
 
     monkeypatch.setattr(broker_mod, "find_mosquitto", lambda: None)
     with broker_mod.start_broker("auto") as broker:
@@ -310,8 +312,9 @@ def test_auto_broker_falls_back_to_amqtt_without_mosquitto(monkeypatch):
 
 def test_mosquitto_config_has_what_the_measurement_relies_on():
     """The started broker: loopback listener, no duplicate deliveries, no persistence."""
-    conf = mosquitto_config(12345)
+    conf = mosquitto_config(12345, extra_config=BENCH_CONFIG)
     assert "listener 12345 127.0.0.1" in conf
+    assert "max_queued_messages 0" in conf
     assert "allow_duplicate_messages false" in conf
     assert "persistence false" in conf
     assert "set_tcp_nodelay true" in conf

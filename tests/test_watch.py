@@ -1,7 +1,7 @@
 """`cascade-fast watch`: the fleet view's logic, and the command against a real fleet.
 
 The end-to-end test starts a private mosquitto on a free port, a small fleet
-of simulated Cascade instances in subprocesses (`cascade_fast.bench.simulate`),
+of simulated Cascade instances in subprocesses (`cascade_fast.apps.bench.simulate`),
 and ``cascade-fast watch --plain``; it SIGKILLs one instance and reads the
 watcher's output until the broker's Last Will has marked it offline.
 """
@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from cascade_fast.bench.broker import find_mosquitto, start_mosquitto
-from cascade_fast.watch import FleetView, render_plain, summary_line
+from cascade_fast.apps.bench.broker import start_mosquitto
+from cascade_fast.apps.watch import FleetView, render_plain, summary_line
 
-needs_mosquitto = pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto binary not installed")
+from broker import needs_mosquitto
 
 
 def _fast_usable() -> bool:
@@ -179,13 +179,13 @@ def test_watch_shows_a_killed_instance_go_offline_by_its_last_will(connector, cl
             for name in ("wt-a", "wt-b", "wt-c"):
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "cascade_fast.bench.simulate", "--broker", target, "--instances", "1",
+                        [sys.executable, "-m", "cascade_fast.apps.bench.simulate", "--broker", target, "--instances", "1",
                          "--source-prefix", name, "--rate", "20", "--duration", "40", "--project", "demo"],
                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                     )  # fmt: skip
                 )
             watch = subprocess.Popen(
-                [sys.executable, "-m", "cascade_fast.cli", "watch", "--broker", target, "--plain", "--interval", "0.5",
+                [sys.executable, "-m", "cascade_fast.apps.cli", "watch", "--broker", target, "--plain", "--interval", "0.5",
                  "--duration", "40", "--project", "demo"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
@@ -223,13 +223,13 @@ def test_watch_once_prints_one_block_and_exits():
         target = f"127.0.0.1:{broker.address.port}"
         env = dict(os.environ, CASCADE_CONNECTOR="python")
         sim = subprocess.run(
-            [sys.executable, "-m", "cascade_fast.bench.simulate", "--broker", target, "--instances", "2",
+            [sys.executable, "-m", "cascade_fast.apps.bench.simulate", "--broker", target, "--instances", "2",
              "--source-prefix", "gone", "--rate", "0", "--duration", "0.2"],
             env=env, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert sim.returncode == 0, sim.stderr
         result = subprocess.run(
-            [sys.executable, "-m", "cascade_fast.cli", "watch", "--broker", target, "--once", "--duration", "1"],
+            [sys.executable, "-m", "cascade_fast.apps.cli", "watch", "--broker", target, "--once", "--duration", "1"],
             env=env, capture_output=True, text=True, timeout=30,
         )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -247,7 +247,7 @@ def test_watch_project_filter_counts_only_that_projects_telemetry():
         env = dict(os.environ, CASCADE_CONNECTOR="python")
         sims = [
             subprocess.Popen(
-                [sys.executable, "-m", "cascade_fast.bench.simulate", "--broker", target, "--instances", "1",
+                [sys.executable, "-m", "cascade_fast.apps.bench.simulate", "--broker", target, "--instances", "1",
                  "--source-prefix", f"in-{project}", "--project", project, "--rate", "50", "--duration", "8"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )  # fmt: skip
@@ -257,7 +257,7 @@ def test_watch_project_filter_counts_only_that_projects_telemetry():
             for sim in sims:  # both connected and publishing before the watcher starts
                 assert sim.stdout.readline().startswith("online:"), sim.stderr.read()
             result = subprocess.run(
-                [sys.executable, "-m", "cascade_fast.cli", "watch", "--broker", target, "--project", "demo",
+                [sys.executable, "-m", "cascade_fast.apps.cli", "watch", "--broker", target, "--project", "demo",
                  "--once", "--duration", "1.5"],
                 env=env, capture_output=True, text=True, timeout=30,
             )  # fmt: skip
@@ -279,7 +279,7 @@ def test_watch_unreachable_broker_fails_with_a_message():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: connections are refused
         result = subprocess.run(
-            [sys.executable, "-m", "cascade_fast.cli", "watch", "--broker", f"127.0.0.1:{port}", "--once", "--duration", "1"],
+            [sys.executable, "-m", "cascade_fast.apps.cli", "watch", "--broker", f"127.0.0.1:{port}", "--once", "--duration", "1"],
             capture_output=True, text=True, timeout=60, env=dict(os.environ, CASCADE_CONNECTOR="python"),
         )  # fmt: skip
     assert result.returncode == 1

@@ -16,7 +16,8 @@ selects, exactly as Cascade gets it):
   a client delivers messages of one topic at one QoS in order).
 
 Exit status 0 when all of that held, 1 with the reason otherwise.
-Needs the ``mosquitto`` binary: $MOSQUITTO, else PATH, /usr/sbin, Homebrew's sbin.
+Needs the ``mosquitto`` binary: $MOSQUITTO, else PATH, /usr/sbin, Homebrew's sbin
+(`cascade_fast.apps.mosquitto.find_mosquitto`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ import argparse
 import asyncio
 import importlib.machinery
 import os
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,61 +42,19 @@ class CheckFailed(Exception):
     """The round trip did not behave as documented."""
 
 
-def find_mosquitto() -> str:
-    """Path of the mosquitto broker binary, or CheckFailed saying how to get one."""
-    candidates = [os.environ.get("MOSQUITTO"), shutil.which("mosquitto")]
-    candidates += ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise CheckFailed("mosquitto not found: install it (apt-get install mosquitto, brew install mosquitto) or set $MOSQUITTO")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @contextmanager
 def mosquitto() -> Iterator[int]:
-    """Run a private Mosquitto on a free 127.0.0.1 port for the duration; yields the port."""
-    binary = find_mosquitto()
-    with tempfile.TemporaryDirectory(prefix="cascade-roundtrip-") as tmp:
-        for _attempt in range(3):  # another process may take the free port before mosquitto binds it
-            port = _free_port()
-            conf = Path(tmp, "mosquitto.conf")
-            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-            log = open(Path(tmp, "mosquitto.log"), "wb")
-            proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + 10
-            while proc.poll() is None and time.monotonic() < deadline and not _accepts(port):
-                time.sleep(0.05)
-            if proc.poll() is None and _accepts(port):
-                break
-            proc.kill()
-            proc.wait()
-            log.close()
-        else:
-            raise CheckFailed(f"mosquitto did not start: {Path(tmp, 'mosquitto.log').read_text(errors='replace')[-2000:]}")
-        try:
-            yield port
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
+    """Run a private Mosquitto (the package's own launcher) on a free 127.0.0.1 port; yields the port."""
+    from cascade_fast.apps.mosquitto import BrokerError, Mosquitto
+
+    try:
+        broker = Mosquitto().start()
+    except BrokerError as exc:
+        raise CheckFailed(str(exc)[-2000:]) from None
+    try:
+        yield broker.port
+    finally:
+        broker.close()
 
 
 def check_import(require_extensions: bool, installed: bool) -> Any:

@@ -1,6 +1,6 @@
-"""A small simulated Cascade fleet to watch: ``python -m cascade_fast.bench.simulate``.
+"""A small simulated Cascade fleet to watch: ``python -m cascade_fast.apps.bench.simulate``.
 
-    python -m cascade_fast.bench.simulate --broker localhost:1883 --instances 3 --rate 5 --duration 60
+    python -m cascade_fast.apps.bench.simulate --broker localhost:1883 --instances 3 --rate 5 --duration 60
 
 Each instance is a connector of its own (birth and Last Will on
 ``cascade/status/{source_id}``) publishing `fleet.make_event` telemetry at
@@ -75,7 +75,7 @@ async def simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cascade_fast.bench.simulate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cascade_fast.apps.bench.simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker", metavar="HOST:PORT", default="localhost:1883")
     parser.add_argument("--username")
     parser.add_argument("--password")

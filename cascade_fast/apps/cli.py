@@ -3,7 +3,7 @@
     cascade-fast bench [options]   the fleet benchmark of both connectors
     cascade-fast watch [options]   a live view of a Cascade fleet on a broker
 
-The subcommands live in `cascade_fast.bench` and `cascade_fast.watch`; their
+The subcommands live in `cascade_fast.apps.bench` and `cascade_fast.apps.watch`; their
 optional dependencies (rich, matplotlib, psutil: ``pip install
 'cascade-fast[bench]'``) are imported only when a subcommand runs.
 """
@@ -17,7 +17,7 @@ from typing import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand."""
-    from . import __version__
+    from .. import __version__
     from . import watch
     from .bench import command as bench
 

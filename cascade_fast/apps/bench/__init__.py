@@ -7,7 +7,7 @@ One module per job:
 - `measure`: sequence tracking, latency, CPU and memory, aggregation;
 - `runner`: one run per connector (and a paced one), progress, Ctrl-C, teardown;
 - `report` and `plot`: the table, the JSON document and the chart;
-- `command`: the command-line glue (`cascade_fast.cli` dispatches to it);
+- `command`: the command-line glue (`cascade_fast.apps.cli` dispatches to it);
 - `simulate`: a small fleet to point `cascade-fast watch` at;
 - `deps`: optional dependencies, with the extra that brings them.
 

@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         require("rich.live", purpose="for the live view (or use --plain)")
     if args.once and not args.duration:
         args.duration = 3.0
-    from . import run as run_loop
+    from .. import run as run_loop
 
     return run_loop(watch(args))
 
